@@ -1,0 +1,238 @@
+"""The SD1.5 denoising UNet, written after LDM's ``openaimodel.UNetModel``.
+
+Attribute names mirror the checkpoint keys under ``model.diffusion_model.``: ``time_embed``, ``input_blocks``,
+``middle_block``, ``output_blocks``, ``out``; ResBlocks have ``in_layers``/``emb_layers``/``out_layers``/
+``skip_connection``; SpatialTransformers have ``norm``, 1x1-conv ``proj_in``/``proj_out`` and ``transformer_blocks``
+whose BasicTransformerBlock holds ``attn1`` (self-attention), ``attn2`` (cross-attention to the text) and a GEGLU
+``ff``.  Loading is therefore a strict ``load_state_dict`` after stripping the prefix.
+
+Every ``attn1`` is the swap point of the method: its ``recipe`` decides how (q, k, v) become the attention output,
+and ``set_recipe(unet, path, recipe)`` installs one by the layer's path, e.g.
+``output_blocks.6.1.transformer_blocks.0.attn1``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attention.plain import plain
+
+from .config import SD15Config
+
+# A recipe maps the layer and its projections q, k, v (B, N, C) to the attention output (B, N, C), which the layer
+# then sends through its own output projection ``to_out``.
+Recipe = Callable[["Attention", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=eps)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of integer timesteps t (B,) -> (B, dim), as LDM computes it."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            group_norm(out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        )
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with LDM's ``to_q``/``to_k``/``to_v``/``to_out`` names.
+
+    Self-attention when ``context`` is None.  ``recipe`` (default: plain softmax attention) turns the projections into
+    the output before ``to_out``; ``path`` is the layer's address in the UNet, set by the UNet for its ``attn1`` layers.
+    """
+
+    def __init__(self, query_dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim), nn.Dropout(0.0))
+        self.recipe: Recipe = plain
+        self.path = ""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N, C), (B, M, C), (B, M, C)
+        return self.to_out(self.recipe(self, q, k, v))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.attn1 = Attention(dim, heads)
+        self.ff = FeedForward(dim)
+        self.attn2 = Attention(dim, heads, context_dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))  # self-attention: the layer MagicStyle works on (paper eq. 3, Alg. 1 l. 6)
+        x = x + self.attn2(self.norm2(x), context)  # cross-attention to the prompt
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int):
+        super().__init__()
+        self.norm = group_norm(channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)
+        )
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x))
+        h = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = h.transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A block of the UNet: passes the time embedding to ResBlocks and the text context to SpatialTransformers."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t, c): (B, 4, h, w), (B,) integer timesteps, (B, 77, context_dim) -> predicted noise."""
+
+    def __init__(self, cfg: SD15Config):
+        super().__init__()
+        mc, heads, depth, ctx = cfg.model_channels, cfg.num_heads, cfg.transformer_depth, cfg.context_dim
+        emb_dim = mc * 4
+        self.model_channels = mc
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def transformer(ch: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, heads, depth, ctx)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels, ch = [mc], mc
+        last = len(cfg.channel_mult) - 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc)]
+                ch = mult * mc
+                if level in cfg.attention_levels:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != last:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch), transformer(ch), ResBlock(ch, emb_dim, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc)]
+                ch = mult * mc
+                if level in cfg.attention_levels:
+                    layers.append(transformer(ch))
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+        for path, module in self.named_modules():
+            if path.endswith(".attn1"):
+                module.path = path
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        dtype = self.out[2].weight.dtype
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))  # (B, 4*mc)
+        h, context = x.to(dtype), context.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)
+
+    def self_attention_layers(self) -> Iterator[Attention]:
+        """All ``attn1`` layers, in forward order; ``layer.path`` is the address recipes are installed under."""
+        return (m for m in self.modules() if isinstance(m, Attention) and m.path)
+
+
+def set_recipe(unet: UNet, path: str, recipe: Recipe) -> None:
+    """Install ``recipe`` in the self-attention layer at ``path`` (e.g. ``output_blocks.6.1.transformer_blocks.0.attn1``)."""
+    layer = unet.get_submodule(path)
+    if not (isinstance(layer, Attention) and layer.path):
+        raise KeyError(f"{path} is not a self-attention (attn1) layer of this UNet")
+    layer.recipe = recipe
