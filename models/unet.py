@@ -19,13 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attention.core import multihead_attention
+from attention.core import multihead_attention
 from attention.plain import plain
 
 from .config import SD15Config
 
-# A recipe maps the layer and its projections q, k, v (B, N, C) to the attention output (B, N, C), which the layer
-# then sends through its own output projection ``to_out``.
-Recipe = Callable[["Attention", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# A recipe maps the layer and its normalised input x (B, N, C) to the attention output (B, N, C), which the layer
+# then sends through its own output projection ``to_out`` (see ``attention/``).
+Recipe = Callable[["Attention", torch.Tensor], torch.Tensor]
 
 
 def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
@@ -59,8 +61,8 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with LDM's ``to_q``/``to_k``/``to_v``/``to_out`` names.
 
-    Self-attention when ``context`` is None.  ``recipe`` (default: plain softmax attention) turns the projections into
-    the output before ``to_out``; ``path`` is the layer's address in the UNet, set by the UNet for its ``attn1`` layers.
+    Self-attention when ``context`` is None: then ``recipe(layer, x)`` (default: plain softmax attention) computes the
+    output before ``to_out``.  ``path`` is the layer's address in the UNet, set by the UNet for its ``attn1`` layers.
     """
 
     def __init__(self, query_dim: int, heads: int, context_dim: int | None = None):
@@ -74,10 +76,15 @@ class Attention(nn.Module):
         self.recipe: Recipe = plain
         self.path = ""
 
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention projections W_Q x, W_K x, W_V x (paper eq. 3): three (B, N, C)."""
+        return self.to_q(x), self.to_k(x), self.to_v(x)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
+        if context is None:
+            return self.to_out(self.recipe(self, x))
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N, C), (B, M, C), (B, M, C)
-        return self.to_out(self.recipe(self, q, k, v))
+        return self.to_out(multihead_attention(q, k, v, self.heads))
 
 
 class GEGLU(nn.Module):
