@@ -1,0 +1,128 @@
+"""The run configuration: ``configs/magicstyle.yaml`` merged with a user's YAML and ``key=value`` overrides.
+
+The defaults file fixes the schema: OmegaConf struct mode turns an unknown key into an error, and ``validate`` checks
+every value, so that a bad option fails before any model is loaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from attention import RECIPES
+from models.errors import MagicStyleError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = ROOT / "configs" / "magicstyle.yaml"
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ConfigError(MagicStyleError):
+    """An unknown key or a value out of range in the configuration."""
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    dotlist: Iterable[str] = (),
+) -> DictConfig:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` (a nested mapping), then ``key=value`` strings."""
+    cfg = OmegaConf.load(DEFAULTS)
+    OmegaConf.set_struct(cfg, True)
+    layers = [] if path is None else [_load_yaml(Path(path))]
+    if overrides:
+        layers.append(OmegaConf.create(dict(overrides)))
+    dotlist = list(dotlist)
+    if dotlist:
+        bad = [o for o in dotlist if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. ffa.beta=0.3)")
+        layers.append(_dotlist(dotlist))
+    for layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"configuration: {_first_line(e)} (see configs/magicstyle.yaml for the keys)") from None
+    validate(cfg)
+    return cfg
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:
+        raise ConfigError(f"config file {path} is not valid YAML ({_first_line(e)})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, like configs/magicstyle.yaml")
+    return cfg
+
+
+def _dotlist(items: list[str]) -> DictConfig:
+    try:
+        return OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"override: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def validate(cfg: DictConfig) -> None:
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    def number(key: str) -> float:
+        value = OmegaConf.select(cfg, key)
+        check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, not {value!r}")
+        return value
+
+    def integer(key: str) -> int:
+        value = OmegaConf.select(cfg, key)
+        check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, not {value!r}")
+        return value
+
+    def choice(key: str, options: tuple) -> None:
+        value = OmegaConf.select(cfg, key)
+        check(value in options, f"{key} must be one of {', '.join(map(str, options))}, not {value!r}")
+
+    size = integer("size")
+    check(size > 0 and size % 64 == 0, f"size must be a positive multiple of 64 (e.g. 512), not {size}")
+    steps = integer("steps")
+    check(1 <= steps <= 999, f"steps must be between 1 and 999, not {steps}")
+    integer("seed")
+    for key in ("alpha", "beta"):
+        value = number(f"ffa.{key}")
+        check(0.0 <= value <= 1.0, f"ffa.{key} must lie in [0, 1], not {value}")
+    for key in ("inversion.guidance", "generation.guidance"):
+        check(number(key) >= 0, f"{key} must not be negative")
+    check(integer("inversion.refine") >= 0, "inversion.refine must be 0 or more")
+    choice("model.device", DEVICES)
+    choice("model.dtype", DTYPES)
+    choice("model.vae_dtype", DTYPES)
+    choice("model.clip_layer", ("last", "penultimate"))
+    choice("store.mode", ("memory", "recompute"))
+    choice("store.dtype", DTYPES[1:])
+    choice("ffa.recipe", tuple(RECIPES))
+    for key in ("ffa.adain_values", "ffa.adain_latents", "inversion.sample_posterior"):
+        check(isinstance(OmegaConf.select(cfg, key), bool), f"{key} must be true or false")
+    for key in ("inversion.prompt", "generation.prompt", "generation.negative_prompt"):
+        check(isinstance(OmegaConf.select(cfg, key), str), f"{key} must be a string")
+    layers = cfg.ffa.layers
+    check(
+        layers == "all" or (isinstance(layers, ListConfig) and all(isinstance(p, str) for p in layers) and len(layers)),
+        f"ffa.layers must be 'all' or a non-empty list of layer paths, not {layers!r}",
+    )
+    ts = cfg.ffa.timesteps
+    check(
+        ts == "all" or (isinstance(ts, ListConfig) and all(isinstance(i, int) and 0 <= i < steps for i in ts)),
+        f"ffa.timesteps must be 'all' or a list of step indices in [0, {steps}), not {ts!r}",
+    )
+    check(isinstance(cfg.model.weights, str) and cfg.model.weights != "", "model.weights must be a file path")

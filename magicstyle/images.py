@@ -1,0 +1,99 @@
+"""Reading the user's images and writing the result.
+
+Any image Pillow reads is accepted: EXIF orientation is applied; RGBA, LA and palette transparency are composited
+on white; greyscale, 16-bit, palette and CMYK are converted to 8-bit RGB; an animated file gives its first frame.
+Non-square images are resized (shorter side to ``size``) and centre-cropped.  Images over ``MAX_PIXELS`` are refused
+as possible decompression bombs.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from models.errors import MagicStyleError
+
+MAX_PIXELS = 64 * 1024 * 1024  # 64 megapixels
+
+
+class ImageError(MagicStyleError):
+    """An image that is missing, unreadable, too large, or an output that cannot be written."""
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Open an image file as 8-bit RGB, upright, first frame."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image {path} does not exist" if not path.exists() else f"image {path} is not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"image {path} is {img.width}x{img.height}: too large (limit {MAX_PIXELS} pixels)")
+            img.seek(0)  # first frame of an animation
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"image {path} is too large to decode safely (a decompression bomb?)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"cannot read image {path} ({e}); use a PNG, JPEG or WebP file") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16- and 32-bit greyscale: scale, do not clip
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def square(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` and centre-crop to size x size."""
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.Resampling.LANCZOS)
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image -> (1, 3, H, W) float32 in [-1, 1]."""
+    a = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
+    return (a / 127.5 - 1.0).permute(2, 0, 1)[None]
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    """(1, 3, H, W) in [-1, 1] -> RGB image (values outside are clamped)."""
+    a = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(a, "RGB")
+
+
+def save_png(img: Image.Image, path: str | Path, parameters: str, *, overwrite: bool = False) -> None:
+    """Write a PNG with a ``parameters`` text chunk, atomically: a temporary file renamed into place."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ImageError(f"output {path} exists; pass --overwrite to replace it, or choose another --output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

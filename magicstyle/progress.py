@@ -1,0 +1,31 @@
+"""A progress bar per phase on stderr: ``invert   12/30 [#####.....] 00:41 < 01:02``."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, stream=sys.stderr, width: int = 24, enabled: bool = True):
+        self.stream, self.width, self.enabled = stream, width, enabled
+        self.phase, self.total, self.start = "", 0, 0.0
+
+    def begin(self, phase: str, total: int) -> None:
+        self.phase, self.total, self.start = phase, total, time.perf_counter()
+        self.update(0)
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / done * (self.total - done) if done else 0.0
+        filled = self.width * done // max(self.total, 1)
+        bar = "#" * filled + "." * (self.width - filled)
+        end = "\n" if done >= self.total else ""
+        self.stream.write(f"\r{self.phase:<9}{done:>4}/{self.total:<4}[{bar}] {_mmss(elapsed)} < {_mmss(eta)}{end}")
+        self.stream.flush()
+
+
+def _mmss(seconds: float) -> str:
+    m, s = divmod(int(seconds + 0.5), 60)
+    return f"{m:02d}:{s:02d}"
