@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output / --report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. ffa.layers=all")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
@@ -58,7 +56,8 @@ def config_overrides(args: argparse.Namespace) -> dict:
     if (args.alpha is None) != (args.beta is None):  # eq. 5 has alpha + beta = 1: one flag sets both
         given = args.alpha if args.alpha is not None else args.beta
         if 0.0 <= given <= 1.0:
-            flags["ffa"] = {"alpha": given, "beta": 1.0 - given} if args.alpha is not None else {"alpha": 1.0 - given, "beta": given}
+            other = round(1.0 - given, 12)
+            flags["ffa"] = {"alpha": given, "beta": other} if args.alpha is not None else {"alpha": other, "beta": given}
 
     def prune(d: dict) -> dict:
         return {k: prune(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None and v != {}}
@@ -78,16 +77,9 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from magicstyle import __version__
     from magicstyle.config import load_config
-    from magicstyle.images import ImageError, open_rgb, save_png
+    from magicstyle.images import open_rgb, save_png
+    from magicstyle.output import check_writable, write_atomic
     from magicstyle.pipeline import load_model, stylize, weights_path
     from magicstyle.progress import Progress
     from models.errors import CheckpointError, MagicStyleError
@@ -107,23 +100,22 @@ def main(argv: list[str] | None = None) -> int:
         # 1. Everything the user gave is checked before the model is loaded.
         cfg = load_config(args.config, config_overrides(args), args.overrides)
         content, style = open_rgb(args.content), open_rgb(args.style)
-        for name, img in (("content", content), ("style", style)):
-            if img.width != img.height and not args.quiet:
-                print(f"note: the {name} image is {img.width}x{img.height}; it is resized and centre-cropped to "
-                      f"{cfg.size}x{cfg.size}", file=sys.stderr)
         output = Path(args.output) if args.output else default_output(args.content, args.style)
         report = Path(args.report) if args.report else None
-        for path, flag in ((output, "--output"), (report, "--report")):
-            if path is not None and path.exists() and not args.overwrite:
-                raise ImageError(f"{path} exists; pass --overwrite to replace it, or choose another {flag}")
-            if path is not None and path.is_dir():
-                raise ImageError(f"{flag} {path} is a directory; give a file name")
+        check_writable(output, overwrite=args.overwrite, what="--output")
+        if report is not None:
+            check_writable(report, overwrite=args.overwrite, what="--report")
         weights = weights_path(cfg.model.weights)
         if not weights.is_file():
             raise CheckpointError(
                 f"weights file {weights} not found; put an SD1.5 .safetensors checkpoint there or pass --weights "
                 "(see weights/README.md)"
             )
+
+        for name, img in (("content", content), ("style", style)):
+            if img.width != img.height and not args.quiet:
+                print(f"note: the {name} image is {img.width}x{img.height}; it is resized and centre-cropped to "
+                      f"{cfg.size}x{cfg.size}", file=sys.stderr)
 
         # 2. The job.
         start = time.perf_counter()
@@ -154,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
                 "unet_evals": stats["unet_evals"],
                 "unet_rows": stats["unet_rows"],
                 "feature_store_bytes": stats["feature_store_bytes"],
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "peak_rss_bytes": peak_rss_bytes(),
                 "device": str(device),
                 "dtype": str(next(sd.unet.parameters()).dtype).removeprefix("torch."),
             }
             if device.type == "cuda":
                 data["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
-            write_json_atomic(report, data)
+            write_atomic(report, json.dumps(data, indent=2).encode(), overwrite=args.overwrite, what="--report")
         if not args.quiet:
             print(f"wrote {output}", file=sys.stderr)
         return 0

@@ -7,8 +7,7 @@ as possible decompression bombs.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 import warnings
 from pathlib import Path
 
@@ -18,11 +17,13 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from models.errors import MagicStyleError
 
+from .output import write_atomic
+
 MAX_PIXELS = 64 * 1024 * 1024  # 64 megapixels
 
 
 class ImageError(MagicStyleError):
-    """An image that is missing, unreadable, too large, or an output that cannot be written."""
+    """An image that is missing, unreadable or too large."""
 
 
 def open_rgb(path: str | Path) -> Image.Image:
@@ -33,16 +34,16 @@ def open_rgb(path: str | Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"image {path} is {img.width}x{img.height}: too large (limit {MAX_PIXELS} pixels)")
-            img.seek(0)  # first frame of an animation
-            img.load()
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageError(f"image {path} is {img.width}x{img.height}: too large (limit {MAX_PIXELS} pixels)")
+                img.seek(0)  # first frame of an animation
+                img.load()
+                return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"image {path} is too large to decode safely (a decompression bomb?)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot read image {path} ({e}); use a PNG, JPEG or WebP file") from None
-    return to_rgb(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -81,19 +82,15 @@ def to_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(a, "RGB")
 
 
-def save_png(img: Image.Image, path: str | Path, parameters: str, *, overwrite: bool = False) -> None:
-    """Write a PNG with a ``parameters`` text chunk, atomically: a temporary file renamed into place."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ImageError(f"output {path} exists; pass --overwrite to replace it, or choose another --output")
-    path.parent.mkdir(parents=True, exist_ok=True)
+def png_bytes(img: Image.Image, parameters: str) -> bytes:
+    """The image as PNG, with a ``parameters`` text chunk (the run's settings, as JSON)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(img: Image.Image, path: str | Path, parameters: str, *, overwrite: bool = False) -> None:
+    """Write a PNG with a ``parameters`` text chunk, atomically; an existing file only with ``overwrite``."""
+    write_atomic(path, png_bytes(img, parameters), overwrite=overwrite)

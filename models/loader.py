@@ -75,8 +75,10 @@ class SafetensorsFile:
 
 def _looks_like_pickle(path: Path) -> bool:
     with open(path, "rb") as f:
-        head = f.read(2)
-    return head == b"PK" or head[:1] == b"\x80"  # a torch zip archive, or a bare pickle stream
+        head = f.read(9)
+    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        return False
+    return head[:2] == b"PK" or head[:1] == b"\x80"  # a torch zip archive, or a bare pickle stream
 
 
 def _check_header(path: Path, what: str) -> None:
@@ -97,7 +99,7 @@ def _check_header(path: Path, what: str) -> None:
                 try:
                     header = json.loads(f.read(n))
                     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-                except (ValueError, KeyError, TypeError, IndexError):
+                except (ValueError, KeyError, TypeError, IndexError, AttributeError):
                     problem = "is not a safetensors file (unreadable header)"
                 else:
                     if 8 + n + end > size:
@@ -174,12 +176,16 @@ def load_component(
     file: SafetensorsFile,
     keys: dict[str, str],
     name: str,
+    prefix: str,
     *,
     device: torch.device | str,
     dtype: torch.dtype,
     fix: Callable[[str, torch.Tensor], torch.Tensor] = lambda key, t: t,
 ) -> nn.Module:
-    """Build ``module_factory()`` without memory, check its keys and shapes against ``keys``, load strictly."""
+    """Build ``module_factory()`` without memory, check its keys and shapes against ``keys``, load strictly.
+
+    ``prefix`` is only used to name missing tensors by their full checkpoint key.
+    """
     with torch.device("meta"):
         module = module_factory()
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -187,8 +193,8 @@ def load_component(
     unexpected = sorted(set(keys) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{file.path}: the {name} does not match SD1.5 ({_listing('missing', missing, keys, name)}"
-            f"{'; ' if missing and unexpected else ''}{_listing('unexpected', unexpected, keys, name)})"
+            f"{file.path}: the {name} does not match SD1.5 ({_listing('missing', [prefix + k for k in missing])}"
+            f"{'; ' if missing and unexpected else ''}{_listing('unexpected', [keys[k] for k in unexpected])})"
         )
     state = {}
     for key, ckpt_key in keys.items():
@@ -203,10 +209,10 @@ def load_component(
     return module.eval().requires_grad_(False)
 
 
-def _listing(kind: str, names: list[str], keys: Mapping[str, str], name: str) -> str:
+def _listing(kind: str, names: list[str]) -> str:
     if not names:
         return ""
-    shown = ", ".join(keys.get(n, n) for n in names[:5])
+    shown = ", ".join(names[:5])
     return f"{len(names)} {kind} tensor(s): {shown}{', ...' if len(names) > 5 else ''}"
 
 
@@ -242,11 +248,15 @@ def load_sd15(
         )
 
     common = dict(device=device, dtype=dtype)
-    unet = load_component(lambda: UNet(cfg), ckpt, component_keys(ckpt.shapes, UNET_PREFIX), "UNet", **common)
+    unet_keys = component_keys(ckpt.shapes, UNET_PREFIX)
+    unet = load_component(lambda: UNet(cfg), ckpt, unet_keys, "UNet", UNET_PREFIX, **common)
     text_keys = component_keys(ckpt.shapes, TEXT_PREFIX, rename=text_encoder_key)
-    text_encoder = load_component(lambda: CLIPTextEncoder(cfg), ckpt, text_keys, "text encoder", **common)
+    nested = any(k.startswith(TEXT_PREFIX + "text_model.") for k in text_keys.values())
+    text_prefix = TEXT_PREFIX + ("text_model." if nested else "")
+    text_encoder = load_component(lambda: CLIPTextEncoder(cfg), ckpt, text_keys, "text encoder", text_prefix, **common)
+    vae_prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in vae_file.shapes) else ""
     autoencoder = load_component(
-        lambda: AutoencoderKL(cfg), vae_file, vae_keys, "VAE",
+        lambda: AutoencoderKL(cfg), vae_file, vae_keys, "VAE", vae_prefix,
         device=device, dtype=vae_dtype or dtype, fix=vae_attention_as_conv,
     )
     return SD15(unet, autoencoder, text_encoder, Tokenizer(cfg.clip_positions), cfg, ckpt.path,

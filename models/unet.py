@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention.core import multihead_attention
-from attention.core import multihead_attention
 from attention.plain import plain
 
 from .config import SD15Config
@@ -239,7 +238,10 @@ class UNet(nn.Module):
 
 def set_recipe(unet: UNet, path: str, recipe: Recipe) -> None:
     """Install ``recipe`` in the self-attention layer at ``path`` (e.g. ``output_blocks.6.1.transformer_blocks.0.attn1``)."""
-    layer = unet.get_submodule(path)
+    try:
+        layer = unet.get_submodule(path)
+    except AttributeError:
+        layer = None
     if not (isinstance(layer, Attention) and layer.path):
         raise KeyError(f"{path} is not a self-attention (attn1) layer of this UNet")
     layer.recipe = recipe
