@@ -22,9 +22,10 @@ def adain(content: torch.Tensor, style: torch.Tensor, dim, eps: float = 1e-5) ->
     """Adaptive instance normalisation (Huang & Belongie 2017; paper eq. 4).
 
     sigma(style) * (content - mu(content)) / sigma(content) + mu(style), with mean and population standard deviation
-    taken over ``dim`` (kept), and ``eps`` added to the variance.  The statistics are computed in float32.
+    taken over ``dim`` (kept), and ``eps`` added to the variance.  The statistics are computed in float32 at least.
     """
-    c, s = content.float(), style.float()
+    dtype = torch.promote_types(content.dtype, torch.float32)
+    c, s = content.to(dtype), style.to(dtype)
     c_var, c_mean = torch.var_mean(c, dim=dim, keepdim=True, correction=0)
     s_var, s_mean = torch.var_mean(s, dim=dim, keepdim=True, correction=0)
     out = (c - c_mean) * torch.rsqrt(c_var + eps) * torch.sqrt(s_var + eps) + s_mean
