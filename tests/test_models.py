@@ -10,6 +10,7 @@ from _ckpt_helpers import (FULL_MANIFEST, HPARAMS, SCHEDULE_BUFFERS, TINY_MANIFE
 from models import Attention, AutoencoderKL, CLIPTextEncoder, SD15Config, UNet, set_recipe
 from models.loader import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, component_keys, is_extra, text_encoder_key
 from models.tokenizer import BOS, EOS
+from conftest import ROOT
 
 TOL = 1e-4
 ATTN1 = "output_blocks.6.1.transformer_blocks.0.attn1"
@@ -246,3 +247,9 @@ def test_set_recipe_refuses_non_attn1_path(sd, path):
 def test_set_recipe_refuses_unknown_path_with_keyerror(sd, path):
     with pytest.raises(KeyError):
         set_recipe(sd.unet, path, lambda *a: None)
+
+
+def test_sd15_yaml_holds_the_dataclass_defaults():
+    from models import SD15Config
+
+    assert SD15Config.from_overrides(ROOT / "configs" / "model" / "sd15.yaml") == SD15Config()
