@@ -10,11 +10,10 @@ from typing import Callable, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import FIXTURES
+from conftest import FIXTURES, TINY_HPARAMS, TINY_WEIGHTS
 from models.loader import TEXT_PREFIX, UNET_PREFIX, load_sd15
 
-TINY = FIXTURES / "sd15_tiny_random.safetensors"
-HPARAMS = FIXTURES / "sd15_tiny_random.hparams.json"
+TINY, HPARAMS = TINY_WEIGHTS, TINY_HPARAMS
 REFS = FIXTURES / "sd15_tiny_random.refs.safetensors"
 FULL_MANIFEST = FIXTURES / "sd15_checkpoint_keys.json"
 TINY_MANIFEST = FIXTURES / "sd15_tiny_random.keys.json"

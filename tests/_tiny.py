@@ -7,10 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from conftest import FIXTURES, ROOT
-
-TINY_WEIGHTS = FIXTURES / "sd15_tiny_random.safetensors"
-TINY_HPARAMS = FIXTURES / "sd15_tiny_random.hparams.json"
+from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS
 ASTRONAUT = ROOT / "examples" / "astronaut.png"
 
 

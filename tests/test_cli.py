@@ -71,13 +71,9 @@ def real_run(tmp_path_factory):
     config = write_config(tmp / "run.yaml", steps=STEPS)
     output, report = tmp / "out" / "result.png", tmp / "out" / "report.json"
     argv = ["--content", content, "--style", ASTRONAUT, "--config", config, *REAL_OPTIONS]
-    err, threads = io.StringIO(), torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 busy cores: one thread is several times faster, and the subprocess uses one too
-    try:
-        with contextlib.redirect_stderr(err):
-            rc = cli([*argv, "--output", output, "--report", report, "--quiet"])
-    finally:
-        torch.set_num_threads(threads)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli([*argv, "--output", output, "--report", report, "--quiet"])
     return SimpleNamespace(tmp=tmp, argv=argv, rc=rc, err=err.getvalue(), output=output, report=report)
 
 

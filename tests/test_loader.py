@@ -20,15 +20,6 @@ from models import CheckpointError
 from models.loader import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, SafetensorsFile, load_sd15
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models are tiny: one intra-op thread is as fast, and much faster when the 2 cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ref():
     return load_tiny()

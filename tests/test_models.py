@@ -16,15 +16,6 @@ TOL = 1e-4
 ATTN1 = "output_blocks.6.1.transformer_blocks.0.attn1"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models are tiny: one intra-op thread is as fast, and much faster when the 2 cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd():
     return load_tiny()

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from _tiny import ASTRONAUT, TINY_HPARAMS, TINY_WEIGHTS
+from _tiny import ASTRONAUT
 from attention import RECIPES, FeatureStore, Record, adain, feature_fusion_attention, multihead_attention, plain, register
-from conftest import ROOT
+from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS
 from magicstyle import csdi, fff, load_config, load_model, stylize
 from magicstyle.config import ConfigError
 from magicstyle.pipeline import (
@@ -26,14 +26,6 @@ def config(**sections):
         if isinstance(value, dict):
             merged[key] = {**TINY.get(key, {}), **value}
     return load_config(None, merged)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model is faster on one thread, and results do not depend on the machine load
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
