@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -192,12 +192,16 @@ class Inversion:
     layers: list[str]  # the self-attention layers the store holds features for
     store: FeatureStore
     context: torch.Tensor  # (1, 77, D) embedding of the inversion prompt (recompute mode's reference rows use it)
-    stats: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
-def csdi(sd: SD15, z0: torch.Tensor, cfg: DictConfig, *, progress: Progress | None = None) -> Inversion:
-    """Content and Style DDIM Inversion (Sec. III-B) of z0 = [z^C, z^S] (2, 4, h, w), one batch, recording features."""
+def csdi(
+    sd: SD15, z0: torch.Tensor, cfg: DictConfig, *, progress: Progress | None = None, stats: dict | None = None
+) -> Inversion:
+    """Content and Style DDIM Inversion (Sec. III-B) of z0 = [z^C, z^S] (2, 4, h, w), one batch, recording features.
+
+    ``stats``, if given, is updated with ``invert_unet_calls`` and ``invert_unet_rows``.
+    """
     timesteps = ddim_timesteps(cfg.steps)
     layers = select_layers(sd.unet, cfg.ffa.layers)
     store = FeatureStore(
@@ -219,12 +223,19 @@ def csdi(sd: SD15, z0: torch.Tensor, cfg: DictConfig, *, progress: Progress | No
         z_T = ddim_invert(eps_fn, z0.float(), timesteps, refine=cfg.inversion.refine,
                           callback=progress and (lambda s: progress.update(s["i"] + 1)))
     store.t = None
-    return Inversion(z_T, timesteps, layers, store, context, {"unet_calls": model.calls, "unet_rows": model.rows})
+    if stats is not None:
+        stats.update(invert_unet_calls=model.calls, invert_unet_rows=model.rows)
+    return Inversion(z_T, timesteps, layers, store, context)
 
 
 @torch.no_grad()
-def fff(sd: SD15, inversion: Inversion, cfg: DictConfig, *, progress: Progress | None = None) -> torch.Tensor:
-    """Feature Fusion Forward (Sec. III-C): the stylized latent z_0^CS (1, 4, h, w), float32."""
+def fff(
+    sd: SD15, inversion: Inversion, cfg: DictConfig, *, progress: Progress | None = None, stats: dict | None = None
+) -> torch.Tensor:
+    """Feature Fusion Forward (Sec. III-C): the stylized latent z_0^CS (1, 4, h, w), float32.
+
+    ``stats``, if given, is updated with ``generate_unet_calls`` and ``generate_unet_rows``.
+    """
     store, timesteps = inversion.store, inversion.timesteps
     if ddim_timesteps(cfg.steps) != timesteps:
         raise ConfigError(f"this inversion has {len(timesteps)} steps; FFF must use the same number, not {cfg.steps}")
@@ -246,7 +257,8 @@ def fff(sd: SD15, inversion: Inversion, cfg: DictConfig, *, progress: Progress |
     with recipes(sd.unet, layers, RECIPES[cfg.ffa.recipe](store, cfg)):
         z0 = ddim_sample(eps_fn, z_T, timesteps, callback=progress and (lambda s: progress.update(s["i"] + 1)))
     store.t = None
-    inversion.stats.update(fff_unet_calls=model.calls, fff_unet_rows=model.rows)
+    if stats is not None:
+        stats.update(generate_unet_calls=model.calls, generate_unet_rows=model.rows)
     return z0
 
 
@@ -293,21 +305,21 @@ def stylize(
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.inversion.sample_posterior else None
     z0 = encode_images(sd, images, generator)
     done("encode")
+    counts: dict[str, int] = {}
     phase("invert")
-    inversion = csdi(sd, z0, cfg, progress=progress)
+    inversion = csdi(sd, z0, cfg, progress=progress, stats=counts)
     done("invert")
     phase("generate")
-    z = fff(sd, inversion, cfg, progress=progress)
+    z = fff(sd, inversion, cfg, progress=progress, stats=counts)
     done("generate")
     phase("decode")
     result = to_image(decode_latents(sd, z))
     done("decode")
     if stats is not None:
-        s = inversion.stats
         stats.update(
             seconds=seconds,
-            unet_evals=s["unet_calls"] + s["fff_unet_calls"],
-            unet_rows=s["unet_rows"] + s["fff_unet_rows"],
+            unet_evals=counts["invert_unet_calls"] + counts["generate_unet_calls"],
+            unet_rows=counts["invert_unet_rows"] + counts["generate_unet_rows"],
             feature_store_bytes=inversion.store.nbytes,
         )
     return result

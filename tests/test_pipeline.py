@@ -152,12 +152,12 @@ def test_memory_and_recompute_give_the_same_image(sd, latents):
 
 
 def test_store_sizes_and_unet_rows(sd, latents):
-    runs = {}
+    runs, counts = {}, {}
     for mode in ("memory", "recompute"):
         cfg = config(store={"mode": mode})
-        inversion = csdi(sd, latents[0], cfg)
-        fff(sd, inversion, cfg)
-        runs[mode] = inversion
+        counts[mode] = {}
+        runs[mode] = csdi(sd, latents[0], cfg, stats=counts[mode])
+        fff(sd, runs[mode], cfg, stats=counts[mode])
     memory, recompute = runs["memory"], runs["recompute"]
     steps, layers = 4, memory.layers
     assert layers == [f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i in range(6, 12)]
@@ -169,9 +169,9 @@ def test_store_sizes_and_unet_rows(sd, latents):
     # recompute: only the (content, style) latents per step, float32
     assert recompute.store.features == {} and recompute.store.nbytes == steps * 2 * 4 * 8 * 8 * 4
     # one UNet call per step in each phase; recompute adds two rows to each generation call (1.5x the rows)
-    for inv in (memory, recompute):
-        assert inv.stats["unet_calls"] == inv.stats["fff_unet_calls"] == steps
-    rows = {m: r.stats["unet_rows"] + r.stats["fff_unet_rows"] for m, r in runs.items()}
+    for c in counts.values():
+        assert c["invert_unet_calls"] == c["generate_unet_calls"] == steps
+    rows = {m: c["invert_unet_rows"] + c["generate_unet_rows"] for m, c in counts.items()}
     assert rows == {"memory": 4 * steps, "recompute": 6 * steps}
 
 
