@@ -166,8 +166,9 @@ class DiagonalGaussian:
     logvar: torch.Tensor
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
-        return self.mean + torch.exp(0.5 * self.logvar) * noise
+        device = generator.device if generator is not None else self.mean.device  # same noise on every device
+        noise = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32, device=device)
+        return self.mean + torch.exp(0.5 * self.logvar) * noise.to(self.mean)
 
 
 class AutoencoderKL(nn.Module):
