@@ -1,6 +1,6 @@
 """Load an SD1.5 single-file checkpoint (the CompVis/LDM layout) straight from safetensors.
 
-Loading is: read keys and shapes, refuse files that are not SD1.5, strip each component's prefix, apply the few
+Loading is: read the header (keys and shapes), refuse files that are not SD1.5, strip each component's prefix, apply the few
 checkpoint quirks (each in one small function below), build the modules on the ``meta`` device and
 ``load_state_dict(strict=True, assign=True)`` the tensors, cast to ``dtype``.  Any problem raises ``CheckpointError``
 with a message that names it.
@@ -8,13 +8,13 @@ with a message that names it.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .clip import CLIPTextEncoder
@@ -45,8 +45,17 @@ class SD15:
 # The file
 
 
+# The safetensors format: an 8-byte little-endian header length, a JSON header {key: {dtype, shape, data_offsets}},
+# then the raw little-endian tensor bytes.  Reading it with plain file reads, one tensor at a time, keeps the peak
+# memory of a load at the size of the model (a memory map would add the whole file to the resident set).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
 class SafetensorsFile:
-    """Keys, shapes and (lazily) tensors of a safetensors file, memory-mapped; never runs code from the file."""
+    """Keys, shapes and (on demand) tensors of a safetensors file; never runs code from the file."""
 
     def __init__(self, path: str | Path, what: str = "checkpoint"):
         self.path = Path(path)
@@ -59,18 +68,20 @@ class SafetensorsFile:
                 f"{what} {self.path} is a pickle checkpoint, which can run arbitrary code when loaded; "
                 "use the .safetensors release of the model (or convert it once in a trusted environment)"
             )
-        _check_header(self.path, what)
-        try:
-            self._file = safe_open(str(self.path), framework="pt", device="cpu")
-            self.shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self._file.keys()}
-        except Exception as e:  # safetensors raises its own error types; say what the file is instead
-            raise CheckpointError(f"{what} {self.path} is not a readable safetensors file ({e})") from None
+        self._entries, self._data_start = _read_header(self.path, what)
+        self.shapes = {k: tuple(v["shape"]) for k, v in self._entries.items()}
 
     def tensor(self, key: str) -> torch.Tensor:
-        try:
-            return self._file.get_tensor(key)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {key} from {self.path} ({e}); the file may be corrupt") from None
+        entry = self._entries[key]
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise CheckpointError(f"{self.path} is truncated inside tensor {key}; download it again")
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        return torch.frombuffer(buffer, dtype=SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def _looks_like_pickle(path: Path) -> bool:
@@ -81,31 +92,41 @@ def _looks_like_pickle(path: Path) -> bool:
     return head[:2] == b"PK" or head[:1] == b"\x80"  # a torch zip archive, or a bare pickle stream
 
 
-def _check_header(path: Path, what: str) -> None:
-    """Fail early, with a plain message, on empty, truncated or non-safetensors files."""
+def _read_header(path: Path, what: str) -> tuple[dict[str, dict], int]:
+    """The header's tensor entries and where the data starts; a plain message for empty, truncated or foreign files."""
     size = path.stat().st_size
-    problem = None
     with open(path, "rb") as f:
         head = f.read(8)
         if size == 0:
             problem = "is empty"
         elif len(head) < 8:
             problem = "is too short to be a safetensors file"
+        elif (n := struct.unpack("<Q", head)[0]) > size - 8 or n > 100_000_000:
+            problem = "is not a safetensors file (bad header length), or it is truncated"
         else:
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                problem = "is not a safetensors file (bad header length), or it is truncated"
+            try:
+                entries = {k: v for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
+                problem = next((f"has a malformed entry for {k}" for k, v in entries.items() if not _valid(v)), None)
+            except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
+                problem = "is not a safetensors file (unreadable header)"
             else:
-                try:
-                    header = json.loads(f.read(n))
-                    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-                except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-                    problem = "is not a safetensors file (unreadable header)"
-                else:
-                    if 8 + n + end > size:
-                        problem = f"is truncated ({size} bytes, the header describes {8 + n + end})"
+                end = max((v["data_offsets"][1] for v in entries.values()), default=0)
+                if problem is None and 8 + n + end > size:
+                    problem = f"is truncated ({size} bytes, the header describes {8 + n + end})"
     if problem:
         raise CheckpointError(f"{what} {path} {problem}; download it again")
+    return entries, 8 + n
+
+
+def _valid(entry) -> bool:
+    """A header entry names a known dtype, a shape, and offsets that hold exactly that many bytes."""
+    try:
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        count = math.prod(entry["shape"])
+        return 0 <= begin <= end and end - begin == count * dtype.itemsize and all(d >= 0 for d in entry["shape"])
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------------
