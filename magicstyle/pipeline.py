@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from attention import RECIPES, FeatureStore, Record, adain
-from attention.plain import plain
 from models import SD15, UNet, load_sd15, set_recipe
 from sampling import cfg_eps_fn, ddim_invert, ddim_sample, ddim_timesteps
 
@@ -124,13 +123,14 @@ def with_reference_rows(model: CountedUNet, store: FeatureStore, context: torch.
 @contextmanager
 def recipes(unet: UNet, paths: list[str], recipe) -> Iterator[None]:
     """Install ``recipe`` in the given self-attention layers for the duration of the block."""
+    before = {path: unet.get_submodule(path).recipe for path in paths}
     try:
         for path in paths:
             set_recipe(unet, path, recipe)
         yield
     finally:
-        for path in paths:
-            set_recipe(unet, path, plain)
+        for path, previous in before.items():
+            set_recipe(unet, path, previous)
 
 
 def select_layers(unet: UNet, spec: Any) -> list[str]:
