@@ -1,0 +1,187 @@
+"""Speed and memory of the pieces of MagicStyle, printed as Markdown tables.
+
+    python bench/benchmark.py --unet                      # UNet forward per dtype and batch (random weights)
+    python bench/benchmark.py --unet --weights weights/realisticVisionV60B1_v51VAE.safetensors
+    python bench/benchmark.py --pipeline --store          # the full pipeline and the feature store
+
+Each section is one function returning table rows.  Without ``--weights`` the UNet section builds the full-size SD1.5
+UNet with random weights (speed does not depend on the values), and the pipeline sections write a random checkpoint
+in the real layout (``bench/random_checkpoint.py``) to a temporary folder.  Timings are wall-clock seconds on the
+current machine with PyTorch's default thread count; the first call of a configuration is reported apart because it
+includes one-time work (oneDNN reordering the convolution weights, see ``models/unet.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.config import SD15Config  # noqa: E402
+from models.loader import UNET_PREFIX, SafetensorsFile, component_keys, load_component  # noqa: E402
+from models.unet import UNet  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process since the last ``reset_peak_rss()`` (Linux), or since it started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+def reset_peak_rss() -> None:
+    try:  # Linux: writing 5 to clear_refs resets VmHWM to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# UNet
+
+
+def random_unet(dtype: torch.dtype) -> UNet:
+    """The full-size SD1.5 UNet with random weights: 1/sqrt(fan_in) for matrices and kernels, norms at 1, biases 0."""
+    with torch.device("meta"):
+        unet = UNet(SD15Config())
+    unet = unet.to_empty(device="cpu").eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if p.dim() == 1:
+                p.fill_(0.0 if name.endswith("bias") else 1.0)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+    return unet.to(dtype)
+
+
+def checkpoint_unet(path: Path, dtype: torch.dtype) -> UNet:
+    """Only the UNet of a single-file SD1.5 checkpoint, loaded the way ``load_sd15`` loads it."""
+    file = SafetensorsFile(path)
+    keys = component_keys(file.shapes, UNET_PREFIX)
+    return load_component(lambda: UNet(SD15Config()), file, keys, "UNet", device="cpu", dtype=dtype)
+
+
+def time_unet(unet: UNet, batch: int, latent: int, dtype: torch.dtype, *, warmup: int, runs: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, latent, latent, generator=g, dtype=dtype)
+    t = torch.linspace(999, 1, batch).long()
+    context = torch.randn(batch, 77, 768, generator=g, dtype=dtype)
+    reset_peak_rss()
+    seconds = []
+    with torch.inference_mode():
+        for _ in range(warmup + runs):
+            start = time.perf_counter()
+            unet(x, t, context)
+            seconds.append(time.perf_counter() - start)
+    timed = seconds[warmup:] or seconds
+    return {"first": seconds[0], "median": statistics.median(timed), "min": min(timed), "peak_rss": peak_rss_gib()}
+
+
+def unet_section(weights: Path | None, *, dtypes, batches, latent: int, warmup: int, runs: int) -> list[str]:
+    rows = [
+        f"UNet forward, {latent}x{latent} latent ({8 * latent}px), context (B, 77, 768), "
+        f"{'weights ' + str(weights) if weights else 'random weights'}, {warmup} warm-up + {runs} timed runs",
+        "",
+        "| dtype | batch | first call s | forward s (median) | min s | s per image | peak RSS GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in dtypes:
+        unet = checkpoint_unet(weights, DTYPES[name]) if weights else random_unet(DTYPES[name])
+        for batch in batches:
+            r = time_unet(unet, batch, latent, DTYPES[name], warmup=warmup, runs=runs)
+            rows.append(
+                f"| {name} | {batch} | {r['first']:.2f} | {r['median']:.2f} | {r['min']:.2f} "
+                f"| {r['median'] / batch:.2f} | {r['peak_rss']:.2f} |"
+            )
+            print(rows[-1], file=sys.stderr, flush=True)  # progress: full-size forwards take seconds each
+        del unet
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pipeline and feature store (bench/pipeline_bench.py)
+
+
+def checkpoint_for_pipeline(weights: Path | None, folder: str) -> Path:
+    if weights:
+        return weights
+    from random_checkpoint import write_random_checkpoint
+
+    print("writing a random full-size checkpoint ...", file=sys.stderr, flush=True)
+    return write_random_checkpoint(Path(folder) / "sd15_random.safetensors")
+
+
+def pipeline_section(weights: Path, *, size: int, steps: int, dtype: str) -> list[str]:
+    from pipeline_bench import pipeline_section as section
+
+    return [f"Pipeline, {size}px, {steps} steps, dtype {dtype}", ""] + section(weights, size=size, steps=steps, dtype=dtype)
+
+
+def store_section(weights: Path, *, dtype: str) -> list[str]:
+    from pipeline_bench import store_section as section
+
+    return [f"Feature store, dtype {dtype}", ""] + section(weights, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--unet", action="store_true", help="UNet forward time and peak memory")
+    parser.add_argument("--pipeline", action="store_true", help="one stylization, phase by phase")
+    parser.add_argument("--store", action="store_true", help="feature-store size per mode and image size")
+    parser.add_argument("--weights", type=Path, help="a real SD1.5 .safetensors checkpoint (default: random weights)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--latent", type=int, default=64, help="latent side (64 = 512px images)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--size", type=int, default=512, help="pipeline image size")
+    parser.add_argument("--steps", type=int, default=10, help="pipeline DDIM steps")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="pipeline and store dtype")
+    args = parser.parse_args(argv)
+    if not (args.unet or args.pipeline or args.store):
+        parser.error("choose at least one section: --unet, --pipeline, --store")
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+          f", {os.cpu_count()} CPUs\n")
+    if args.unet:
+        rows = unet_section(args.weights, dtypes=args.dtypes, batches=args.batches, latent=args.latent,
+                            warmup=args.warmup, runs=args.runs)
+        print("\n".join(rows) + "\n", flush=True)
+    if args.pipeline or args.store:
+        with tempfile.TemporaryDirectory() as folder:
+            weights = checkpoint_for_pipeline(args.weights, folder)
+            if args.pipeline:
+                rows = pipeline_section(weights, size=args.size, steps=args.steps, dtype=args.dtype)
+                print("\n".join(rows) + "\n", flush=True)
+            if args.store:
+                print("\n".join(store_section(weights, dtype=args.dtype)) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
