@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SD15Config
+from .conv import Conv2d
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -27,11 +28,11 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.norm1 = norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.nin_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -45,7 +46,7 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = norm(channels)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+        self.q, self.k, self.v, self.proj_out = (Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -58,7 +59,7 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right and bottom only
@@ -67,7 +68,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -116,7 +117,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: SD15Config):
         super().__init__()
         ch, mult, n = cfg.vae_ch, cfg.vae_ch_mult, cfg.vae_num_res_blocks
-        self.conv_in = nn.Conv2d(cfg.vae_in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.vae_in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         c_in = ch
         for i, m in enumerate(mult):
@@ -126,7 +127,7 @@ class Encoder(nn.Module):
             self.down.append(DownLevel(blocks, None if last else Downsample(c_in)))
         self.mid = Mid(c_in)
         self.norm_out = norm(c_in)
-        self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)  # mean and log-variance
+        self.conv_out = Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)  # mean and log-variance
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -140,7 +141,7 @@ class Decoder(nn.Module):
         super().__init__()
         ch, mult, n = cfg.vae_ch, cfg.vae_ch_mult, cfg.vae_num_res_blocks
         c_in = ch * mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, c_in, 3, padding=1)
         self.mid = Mid(c_in)
         levels = []
         for i in reversed(range(len(mult))):  # lowest resolution first; stored as up.{i} as LDM does
@@ -149,13 +150,18 @@ class Decoder(nn.Module):
             levels.insert(0, UpLevel(blocks, Upsample(c_in) if i != 0 else None))
         self.up = nn.ModuleList(levels)
         self.norm_out = norm(c_in)
-        self.conv_out = nn.Conv2d(c_in, cfg.vae_in_channels, 3, padding=1)
+        self.conv_out = Conv2d(c_in, cfg.vae_in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last on the CPU, the layout oneDNN's convolutions work in (see ``conv.py``)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
 @dataclass
@@ -176,8 +182,8 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        self.quant_conv = Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = Conv2d(cfg.z_channels, cfg.z_channels, 1)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -185,10 +191,10 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, img: torch.Tensor) -> DiagonalGaussian:
         """img (B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, 4, H/8, W/8)."""
-        moments = self.quant_conv(self.encoder(img.to(self.dtype)))
+        moments = self.quant_conv(self.encoder(_layout(img.to(self.dtype)))).contiguous()
         mean, logvar = moments.chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar.clamp(-30.0, 20.0))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latent (B, 4, h, w) -> image (B, 3, 8h, 8w), roughly in [-1, 1], not clamped."""
-        return self.decoder(self.post_quant_conv(z.to(self.dtype)))
+        return self.decoder(self.post_quant_conv(_layout(z.to(self.dtype)))).contiguous()
