@@ -1,9 +1,14 @@
-"""CPU inference: convolutions on weights prepacked once for oneDNN.  Used by the UNet and the VAE."""
+"""Convolution layers shared by the UNet and the VAE.
+
+``Conv2d`` is ``nn.Conv2d`` whose CPU inference runs on a weight prepacked once for oneDNN; ``Upsample`` is LDM's
+nearest-neighbour 2x upsampling followed by a 3x3 convolution (checkpoint key ``...conv``).
+"""
 from __future__ import annotations
 
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # nn.Conv2d hands oneDNN a plain (O, I, kh, kw) weight on every call; oneDNN then reorders it, or settles for a slower
@@ -49,3 +54,12 @@ class Conv2d(nn.Conv2d):
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: drop the cache, it belongs to the old weight
         _packed_weights.pop(self, None)
         return super()._apply(fn, recurse)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

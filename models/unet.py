@@ -28,7 +28,7 @@ from attention.core import multihead_attention
 from attention.plain import plain
 
 from .config import SD15Config
-from .conv import Conv2d
+from .conv import Conv2d, Upsample
 
 # A recipe maps the layer and its normalised input x (B, N, C) to the attention output (B, N, C), which the layer
 # then sends through its own output projection ``to_out`` (see ``attention/``).
@@ -152,15 +152,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):

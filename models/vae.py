@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SD15Config
-from .conv import Conv2d
+from .conv import Conv2d, Upsample
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -63,15 +63,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right and bottom only
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Mid(nn.Module):
