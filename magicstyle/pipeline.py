@@ -27,7 +27,7 @@ from models import SD15, UNet, load_sd15, set_recipe
 from sampling import cfg_eps_fn, ddim_invert, ddim_sample, ddim_timesteps
 
 from .config import ROOT, ConfigError, load_config
-from .images import open_rgb, square, to_image, to_tensor
+from .images import open_rgb, square, to_image, to_rgb, to_tensor
 from .progress import Progress
 
 LATENT_SCALE = 0.18215  # SD1.x: latents are scaled to unit variance before diffusion
@@ -175,7 +175,7 @@ def decode_latents(sd: SD15, z: torch.Tensor) -> torch.Tensor:
 
 
 def load_image(image: str | Path | Image.Image, size: int) -> torch.Tensor:
-    img = image.convert("RGB") if isinstance(image, Image.Image) else open_rgb(image)
+    img = to_rgb(image) if isinstance(image, Image.Image) else open_rgb(image)
     return to_tensor(square(img, size))
 
 
