@@ -47,7 +47,8 @@ class FeatureStore:
     def record(self, path: str, x: torch.Tensor) -> None:
         """Keep the attention input of the content and style images (the last two rows) at the current timestep."""
         if self.active:
-            self.features[(path, self.t)] = (x[-2:-1].to(self.dtype), x[-1:].to(self.dtype))
+            # copies, not views: a view of a row would keep the whole batch's activation alive
+            self.features[(path, self.t)] = (x[-2:-1].to(self.dtype, copy=True), x[-1:].to(self.dtype, copy=True))
 
     def record_latents(self, x: torch.Tensor) -> None:
         """recompute mode: keep the (content, style) latents the UNet sees at the current timestep (float32)."""
