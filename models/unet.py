@@ -6,9 +6,9 @@ Attribute names mirror the checkpoint keys under ``model.diffusion_model.``: ``t
 whose BasicTransformerBlock holds ``attn1`` (self-attention), ``attn2`` (cross-attention to the text) and a GEGLU
 ``ff``.  Loading is therefore a strict ``load_state_dict`` after stripping the prefix.
 
-Every ``attn1`` is the swap point of the method: its ``recipe`` decides how (q, k, v) become the attention output,
-and ``set_recipe(unet, path, recipe)`` installs one by the layer's path, e.g.
-``output_blocks.6.1.transformer_blocks.0.attn1``.
+Every ``attn1`` is the swap point of the method: its ``recipe(layer, x)`` computes the attention output from the
+layer's normalised input x (``layer.qkv(x)`` gives the projections), and ``set_recipe(unet, path, recipe)`` installs
+one by the layer's path, e.g. ``output_blocks.6.1.transformer_blocks.0.attn1``.  The recipes are in ``attention/``.
 
 Speed on CPU (same parameters, same state dict): activations are kept channels-last; the convolutions are ``Conv2d``,
 which runs oneDNN on a weight reordered once into oneDNN's blocked layout (cached; for bfloat16 this is what lets
