@@ -111,7 +111,7 @@ def validate(cfg: DictConfig) -> None:
     choice("store.mode", ("memory", "recompute"))
     choice("store.dtype", DTYPES[1:])
     choice("ffa.recipe", tuple(RECIPES))
-    for key in ("ffa.adain_values", "ffa.adain_latents", "inversion.sample_posterior"):
+    for key in ("ffa.adain_values", "ffa.adain_latents", "inversion.sample_posterior", "model.prepack"):
         check(isinstance(OmegaConf.select(cfg, key), bool), f"{key} must be true or false")
     for key in ("inversion.prompt", "generation.prompt", "generation.negative_prompt"):
         check(isinstance(OmegaConf.select(cfg, key), str), f"{key} must be a string")

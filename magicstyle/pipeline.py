@@ -24,6 +24,7 @@ from PIL import Image
 
 from attention import RECIPES, FeatureStore, Record, adain
 from models import SD15, UNet, load_sd15, set_recipe
+from models.conv import set_prepack
 from sampling import cfg_eps_fn, ddim_invert, ddim_sample, ddim_timesteps
 
 from .config import ROOT, ConfigError, load_config
@@ -78,7 +79,7 @@ def weights_path(value: str) -> Path:
 def load_model(cfg: DictConfig) -> SD15:
     device = resolve_device(cfg.model.device)
     dtype, vae_dtype = resolve_dtypes(cfg.model.dtype, cfg.model.vae_dtype, device)
-    return load_sd15(
+    sd = load_sd15(
         weights_path(cfg.model.weights),
         device=device,
         dtype=dtype,
@@ -86,6 +87,9 @@ def load_model(cfg: DictConfig) -> SD15:
         vae=weights_path(cfg.model.vae) if cfg.model.vae else None,
         hparams=weights_path(cfg.model.hparams) if cfg.model.hparams else None,
     )
+    for model in (sd.unet, sd.vae):
+        set_prepack(model, cfg.model.prepack)
+    return sd
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -30,10 +30,15 @@ def uses_packed_conv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters) whose CPU inference runs on a weight reordered once and cached."""
+    """``nn.Conv2d`` (same parameters) whose CPU inference runs on a weight reordered once and cached.
+
+    ``prepack = False`` on an instance (see ``set_prepack``) runs the plain convolution and keeps no second copy.
+    """
+
+    prepack = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not uses_packed_conv(x, self.weight):
+        if not (self.prepack and uses_packed_conv(x, self.weight)):
             return super().forward(x)
         return torch.ops.mkldnn._convolution_pointwise(  # output channels-last
             x, self.packed_weight(), self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
@@ -54,6 +59,15 @@ class Conv2d(nn.Conv2d):
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: drop the cache, it belongs to the old weight
         _packed_weights.pop(self, None)
         return super()._apply(fn, recurse)
+
+
+def set_prepack(model: nn.Module, enabled: bool) -> None:
+    """Turn the prepacked weights of every ``Conv2d`` in ``model`` on or off (off: less memory, slower on CPU)."""
+    for module in model.modules():
+        if isinstance(module, Conv2d):
+            module.prepack = enabled
+            if not enabled:
+                _packed_weights.pop(module, None)
 
 
 class Upsample(nn.Module):

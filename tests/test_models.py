@@ -244,3 +244,20 @@ def test_sd15_yaml_holds_the_dataclass_defaults():
     from models import SD15Config
 
     assert SD15Config.from_overrides(ROOT / "configs" / "model" / "sd15.yaml") == SD15Config()
+
+
+def test_prepack_off_gives_the_same_outputs_without_the_cache(sd):
+    import copy
+
+    from models.conv import Conv2d, _packed_weights, set_prepack
+
+    r = refs()
+    unet = copy.deepcopy(sd.unet)
+    with torch.no_grad():
+        packed = unet(r["unet.x16"], r["unet.t16"], r["text.hidden"])
+        assert any(m in _packed_weights for m in unet.modules() if isinstance(m, Conv2d))
+        set_prepack(unet, False)
+        assert not any(m in _packed_weights for m in unet.modules() if isinstance(m, Conv2d))
+        unpacked = unet(r["unet.x16"], r["unet.t16"], r["text.hidden"])
+    assert not any(m in _packed_weights for m in unet.modules() if isinstance(m, Conv2d))
+    assert rel_err(unpacked, packed) < 1e-5
