@@ -13,7 +13,6 @@ includes one-time work (oneDNN reordering the convolution weights, see ``models/
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import resource
@@ -28,11 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from magicstyle.config import DTYPES  # noqa: E402
 from models.config import SD15Config  # noqa: E402
 from models.loader import UNET_PREFIX, SafetensorsFile, component_keys, load_component  # noqa: E402
 from models.unet import UNet  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -63,25 +62,22 @@ def reset_peak_rss() -> None:
 
 
 def random_unet(dtype: torch.dtype) -> UNet:
-    """The full-size SD1.5 UNet with random weights: 1/sqrt(fan_in) for matrices and kernels, norms at 1, biases 0."""
+    """The full-size SD1.5 UNet with the random weights of ``bench/random_checkpoint.py``, without writing a file."""
+    from random_checkpoint import random_tensor
+
     with torch.device("meta"):
         unet = UNet(SD15Config())
-    unet = unet.to_empty(device="cpu").eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if p.dim() == 1:
-                p.fill_(0.0 if name.endswith("bias") else 1.0)
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
-    return unet.to(dtype)
+    state = {k: random_tensor(k, list(v.shape), dtype, g) for k, v in unet.state_dict().items()}
+    unet.load_state_dict(state, strict=True, assign=True)
+    return unet.eval().requires_grad_(False)
 
 
 def checkpoint_unet(path: Path, dtype: torch.dtype) -> UNet:
     """Only the UNet of a single-file SD1.5 checkpoint, loaded the way ``load_sd15`` loads it."""
     file = SafetensorsFile(path)
     keys = component_keys(file.shapes, UNET_PREFIX)
-    return load_component(lambda: UNet(SD15Config()), file, keys, "UNet", device="cpu", dtype=dtype)
+    return load_component(lambda: UNet(SD15Config()), file, keys, "UNet", prefix=UNET_PREFIX, device="cpu", dtype=dtype)
 
 
 def time_unet(unet: UNet, batch: int, latent: int, dtype: torch.dtype, *, warmup: int, runs: int) -> dict:

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from magicstyle import csdi, fff, load_config, load_model
-from magicstyle.pipeline import decode_latents, encode_images, load_image
+from magicstyle import csdi, load_config, load_model, stylize
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTENT, STYLE = ROOT / "examples" / "astronaut.png", ROOT / "examples" / "hubble_deep_field.jpg"
@@ -36,29 +35,16 @@ def timed_unet(sd) -> dict:
 
 
 def run_pipeline(sd, cfg) -> dict:
-    """One stylization, phase by phase: seconds per phase, UNet seconds, store bytes."""
-    seconds = {}
-    unet = timed_unet(sd)
-    start = time.perf_counter()
-    images = torch.cat([load_image(CONTENT, cfg.size), load_image(STYLE, cfg.size)])
-    z0 = encode_images(sd, images)
-    seconds["encode"] = time.perf_counter() - start
-    counts: dict = {}
-    start = time.perf_counter()
-    inversion = csdi(sd, z0, cfg, stats=counts)
-    seconds["invert"] = time.perf_counter() - start
-    start = time.perf_counter()
-    z = fff(sd, inversion, cfg, stats=counts)
-    seconds["generate"] = time.perf_counter() - start
-    start = time.perf_counter()
-    decode_latents(sd, z)
-    seconds["decode"] = time.perf_counter() - start
-    del sd.unet.forward  # back to the class's forward
-    total = sum(seconds.values())
+    """One stylization through ``magicstyle.stylize``: seconds per phase, UNet seconds and rows, store bytes."""
+    unet, stats = timed_unet(sd), {}
+    try:
+        stylize(CONTENT, STYLE, cfg, sd=sd, stats=stats)
+    finally:
+        del sd.unet.forward  # back to the class's forward
+    total = sum(stats["seconds"].values())
     return {
-        "seconds": seconds, "total": total, "unet_seconds": unet["seconds"], "unet_calls": unet["calls"],
-        "unet_share": unet["seconds"] / total, "store_bytes": inversion.store.nbytes,
-        "unet_rows": counts["invert_unet_rows"] + counts["generate_unet_rows"],
+        "seconds": stats["seconds"], "total": total, "unet_seconds": unet["seconds"], "unet_calls": unet["calls"],
+        "unet_share": unet["seconds"] / total, "store_bytes": stats["feature_store_bytes"], "unet_rows": stats["unet_rows"],
     }
 
 

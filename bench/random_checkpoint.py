@@ -4,8 +4,7 @@
 
 Every key, shape and dtype comes from ``tests/fixtures/sd15_checkpoint_keys.json`` (the manifest of a real SD1.5
 file, schedule buffers and ``position_ids`` included), so loading it exercises the same code path as a real
-checkpoint.  Weights are scaled by 1/sqrt(fan_in) so that activations keep a sensible size through the network;
-norms start at weight 1, bias 0.  Speed and memory do not depend on the values; images made with it are noise.
+checkpoint.  Speed and memory do not depend on the values; images made with it are noise.
 """
 from __future__ import annotations
 
@@ -22,17 +21,15 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32, "int64": torch.int
 
 
 def random_tensor(key: str, shape: list[int], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """Random weights that keep activations of a sensible size: N(0, 1/fan_in) for matrices and kernels, 0.02 for
+    embeddings, 1 for normalisation scales (every 1-D weight), 0 for biases."""
     if dtype == torch.int64:  # position_ids
         return torch.arange(shape[-1]).reshape(shape)
-    if "." not in key:  # schedule buffers; not used by the loader
+    if "." not in key or key.endswith("bias"):  # schedule buffers (not used by the loader) and biases
         return torch.zeros(shape, dtype=dtype)
-    is_norm = "norm" in key.split(".")[-2]
-    if key.endswith("bias"):
-        return torch.zeros(shape, dtype=dtype)
-    if is_norm:
+    if len(shape) == 1:
         return torch.ones(shape, dtype=dtype)
-    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
-    std = 0.02 if "embedding" in key else 1.0 / math.sqrt(fan_in)
+    std = 0.02 if "embedding" in key else 1.0 / math.sqrt(math.prod(shape[1:]))
     return (torch.randn(shape, generator=g) * std).to(dtype)
 
 

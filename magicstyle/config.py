@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -17,7 +18,7 @@ from models.errors import MagicStyleError
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = ROOT / "configs" / "magicstyle.yaml"
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config name -> dtype
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -105,11 +106,11 @@ def validate(cfg: DictConfig) -> None:
         check(number(key) >= 0, f"{key} must not be negative")
     check(integer("inversion.refine") >= 0, "inversion.refine must be 0 or more")
     choice("model.device", DEVICES)
-    choice("model.dtype", DTYPES)
-    choice("model.vae_dtype", DTYPES)
+    choice("model.dtype", ("auto", *DTYPES))
+    choice("model.vae_dtype", ("auto", *DTYPES))
     choice("model.clip_layer", ("last", "penultimate"))
     choice("store.mode", ("memory", "recompute"))
-    choice("store.dtype", DTYPES[1:])
+    choice("store.dtype", tuple(DTYPES))
     choice("ffa.recipe", tuple(RECIPES))
     for key in ("ffa.adain_values", "ffa.adain_latents", "inversion.sample_posterior", "model.prepack"):
         check(isinstance(OmegaConf.select(cfg, key), bool), f"{key} must be true or false")

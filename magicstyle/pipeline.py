@@ -19,21 +19,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 
 from attention import RECIPES, FeatureStore, Record, adain
 from models import SD15, UNet, load_sd15, set_recipe
-from models.conv import set_prepack
+from models.conv import cpu_has_bf16, set_prepack
 from sampling import cfg_eps_fn, ddim_invert, ddim_sample, ddim_timesteps
 
-from .config import ROOT, ConfigError, load_config
+from .config import DTYPES, ROOT, ConfigError, load_config
 from .images import open_rgb, square, to_image, to_rgb, to_tensor
 from .progress import Progress
 
 LATENT_SCALE = 0.18215  # SD1.x: latents are scaled to unit variance before diffusion
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -52,13 +50,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device mps was asked for, but MPS is not available; use --device cpu or auto")
     return torch.device(name)
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_dtypes(name: str, vae_name: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
@@ -224,7 +215,7 @@ def csdi(
     if progress:
         progress.begin("invert", len(timesteps))
     with recipes(sd.unet, recording, Record(store)):
-        z_T = ddim_invert(eps_fn, z0.float(), timesteps, refine=cfg.inversion.refine,
+        z_T = ddim_invert(eps_fn, z0, timesteps, refine=cfg.inversion.refine,
                           callback=progress and (lambda s: progress.update(s["i"] + 1)))
     store.t = None
     if stats is not None:
@@ -295,30 +286,27 @@ def stylize(
         sd = load_model(cfg)
         seconds["load"] = time.perf_counter() - start
 
-    def phase(name: str, total: int = 1):
-        seconds[name] = -time.perf_counter()
-        if progress and name in ("encode", "decode"):
-            progress.begin(name, total)
-
-    def done(name: str) -> None:
-        seconds[name] += time.perf_counter()
-        if progress and name in ("encode", "decode"):
+    @contextmanager
+    def phase(name: str, bar: bool = False) -> Iterator[None]:
+        """Time a phase; ``bar``: a one-step progress bar (CSDI and FFF draw their own, per DDIM step)."""
+        if progress and bar:
+            progress.begin(name, 1)
+        start = time.perf_counter()
+        yield
+        seconds[name] = time.perf_counter() - start
+        if progress and bar:
             progress.update(1)
 
-    phase("encode")
-    generator = torch.Generator().manual_seed(cfg.seed) if cfg.inversion.sample_posterior else None
-    z0 = encode_images(sd, images, generator)
-    done("encode")
     counts: dict[str, int] = {}
-    phase("invert")
-    inversion = csdi(sd, z0, cfg, progress=progress, stats=counts)
-    done("invert")
-    phase("generate")
-    z = fff(sd, inversion, cfg, progress=progress, stats=counts)
-    done("generate")
-    phase("decode")
-    result = to_image(decode_latents(sd, z))
-    done("decode")
+    with phase("encode", bar=True):
+        generator = torch.Generator().manual_seed(cfg.seed) if cfg.inversion.sample_posterior else None
+        z0 = encode_images(sd, images, generator)
+    with phase("invert"):
+        inversion = csdi(sd, z0, cfg, progress=progress, stats=counts)
+    with phase("generate"):
+        z = fff(sd, inversion, cfg, progress=progress, stats=counts)
+    with phase("decode", bar=True):
+        result = to_image(decode_latents(sd, z))
     if stats is not None:
         stats.update(
             seconds=seconds,
@@ -327,7 +315,3 @@ def stylize(
             feature_store_bytes=inversion.store.nbytes,
         )
     return result
-
-
-def resolved(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)

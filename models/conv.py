@@ -19,6 +19,14 @@ _packed_weights: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKey
 _HAS_PACKED_CONV = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def uses_packed_conv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """oneDNN's inference-only convolution applies: CPU, float32 or bfloat16, no gradient to record."""
     if not (_HAS_PACKED_CONV and x.device.type == "cpu" and torch.backends.mkldnn.is_available()
@@ -26,7 +34,7 @@ def uses_packed_conv(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
-    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_has_bf16())
 
 
 class Conv2d(nn.Conv2d):

@@ -197,8 +197,8 @@ def load_component(
     file: SafetensorsFile,
     keys: dict[str, str],
     name: str,
-    prefix: str,
     *,
+    prefix: str = "",
     device: torch.device | str,
     dtype: torch.dtype,
     fix: Callable[[str, torch.Tensor], torch.Tensor] = lambda key, t: t,
@@ -270,14 +270,15 @@ def load_sd15(
 
     common = dict(device=device, dtype=dtype)
     unet_keys = component_keys(ckpt.shapes, UNET_PREFIX)
-    unet = load_component(lambda: UNet(cfg), ckpt, unet_keys, "UNet", UNET_PREFIX, **common)
+    unet = load_component(lambda: UNet(cfg), ckpt, unet_keys, "UNet", prefix=UNET_PREFIX, **common)
     text_keys = component_keys(ckpt.shapes, TEXT_PREFIX, rename=text_encoder_key)
     nested = any(k.startswith(TEXT_PREFIX + "text_model.") for k in text_keys.values())
     text_prefix = TEXT_PREFIX + ("text_model." if nested else "")
-    text_encoder = load_component(lambda: CLIPTextEncoder(cfg), ckpt, text_keys, "text encoder", text_prefix, **common)
+    text_encoder = load_component(lambda: CLIPTextEncoder(cfg), ckpt, text_keys, "text encoder", prefix=text_prefix,
+                                  **common)
     vae_prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in vae_file.shapes) else ""
     autoencoder = load_component(
-        lambda: AutoencoderKL(cfg), vae_file, vae_keys, "VAE", vae_prefix,
+        lambda: AutoencoderKL(cfg), vae_file, vae_keys, "VAE", prefix=vae_prefix,
         device=device, dtype=vae_dtype or dtype, fix=vae_attention_as_conv,
     )
     return SD15(unet, autoencoder, text_encoder, Tokenizer(cfg.clip_positions), cfg, ckpt.path,

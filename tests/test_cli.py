@@ -19,7 +19,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
