@@ -63,22 +63,31 @@ class SafetensorsFile:
             raise CheckpointError(f"{what} file {self.path} does not exist")
         if not self.path.is_file():
             raise CheckpointError(f"{what} path {self.path} is not a file")
-        if self.path.suffix.lower() in PICKLE_SUFFIXES or _looks_like_pickle(self.path):
+        try:
+            pickle = self.path.suffix.lower() in PICKLE_SUFFIXES or _looks_like_pickle(self.path)
+            if not pickle:
+                self._entries, self._data_start = _read_header(self.path, what)
+        except OSError as e:  # permission denied, I/O error
+            raise CheckpointError(f"cannot read {what} {self.path} ({e.strerror or e})") from None
+        if pickle:
             raise CheckpointError(
                 f"{what} {self.path} is a pickle checkpoint, which can run arbitrary code when loaded; "
                 "use the .safetensors release of the model (or convert it once in a trusted environment)"
             )
-        self._entries, self._data_start = _read_header(self.path, what)
         self.shapes = {k: tuple(v["shape"]) for k, v in self._entries.items()}
 
     def tensor(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
         begin, end = entry["data_offsets"]
         buffer = bytearray(end - begin)
-        with open(self.path, "rb") as f:
-            f.seek(self._data_start + begin)
-            if f.readinto(buffer) != len(buffer):
-                raise CheckpointError(f"{self.path} is truncated inside tensor {key}; download it again")
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._data_start + begin)
+                complete = f.readinto(buffer) == len(buffer)
+        except OSError as e:
+            raise CheckpointError(f"cannot read tensor {key} from {self.path} ({e.strerror or e})") from None
+        if not complete:
+            raise CheckpointError(f"{self.path} is truncated inside tensor {key}; download it again")
         if not buffer:
             return torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
         return torch.frombuffer(buffer, dtype=SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])

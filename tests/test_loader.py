@@ -362,3 +362,30 @@ def test_text_encoder_nested_under_text_model(tmp_path, ref_out):
     assert any(k.startswith(TEXT_PREFIX + "text_model.encoder.") for k in SafetensorsFile(path).shapes)
     sd = load_tiny(path)
     assert_same_model(sd, ref_out, parts=("text",))
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "locked.safetensors"
+    path.write_bytes(TINY.read_bytes())
+    path.chmod(0)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_sd15(path, hparams=HPARAMS)
+
+
+def test_read_error_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """An I/O error while reading (here: opening for the header) is reported as one CheckpointError, not a traceback."""
+    import builtins
+
+    real_open = builtins.open
+
+    def failing_open(file, *args, **kwargs):
+        if str(file).endswith("io_error.safetensors"):
+            raise OSError(5, "Input/output error")
+        return real_open(file, *args, **kwargs)
+
+    path = tmp_path / "io_error.safetensors"
+    path.write_bytes(TINY.read_bytes())
+    monkeypatch.setattr(builtins, "open", failing_open)
+    with pytest.raises(CheckpointError, match="Input/output error"):
+        SafetensorsFile(path)
