@@ -8,10 +8,12 @@ import torch.nn.functional as F
 def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)) V per head (paper eq. 3), through ``F.scaled_dot_product_attention``.
 
-    q: (B, Nq, C); k, v: (B, Nk, C), C = heads * d.  Returns (B, Nq, C), before the layer's output projection.
+    q: (B, Nq, C); k, v: (B or 1, Nk, C), C = heads * d (batch 1 broadcasts).  Returns (B, Nq, C), before the layer's
+    output projection.
     """
     B, Nq, C = q.shape
     d = C // heads
+    k, v = k.expand(B, -1, -1), v.expand(B, -1, -1)
     # (B, N, C) -> (B, heads, N, d): a strided view, no copy.
     q, k, v = (x.unflatten(-1, (heads, d)).transpose(1, 2) for x in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, Nq, d)

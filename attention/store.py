@@ -1,43 +1,60 @@
-"""Where the content and style features of CSDI live until FFF uses them.
+"""Where the features of CSDI's images live until FFF uses them.
 
-What is kept is the *input* of each chosen self-attention layer for the content and style rows, h^C and h^S
-(1, N, C), not their projections: {Q^C, K^C, V^C} = W_{Q,K,V} h^C and {K^S, V^S} = W_{K,V} h^S (paper eq. 3) are
-recomputed from them by the recipe.  That is the same arithmetic, with 2 tensors per layer and step instead of 5.
+CSDI inverts N >= 1 images in one batch; FFF generates one row per (content, style) pair of those images, all pairs in
+one UNet batch.  What is kept per image is the *input* h of each chosen self-attention layer, not its projections:
+{Q^C, K^C, V^C} = W_{Q,K,V} h^C and {K^S, V^S} = W_{K,V} h^S (paper eq. 3) are recomputed from it by the recipe.
+That is the same arithmetic, with one tensor per image, layer and step instead of five.
 
 Two modes (``store.mode``):
 
-- ``memory``: CSDI's ``record`` recipe keeps h^C and h^S per (layer, timestep) in ``dtype`` (float16 by default).
-- ``recompute``: CSDI keeps only the latent each UNet call saw per timestep (a few MB).  During FFF the content and
-  style latents run through the UNet in the same batch as the stylized rows, as its last two rows, with plain
-  attention; the recipes take h^C and h^S from those rows on the fly.  No feature cache at all.
+- ``memory``: CSDI's ``record`` recipe keeps h (N, tokens, C) per (layer, timestep) in ``dtype`` (float16 by default).
+- ``recompute``: CSDI keeps only the latents (N, 4, h, w) each UNet call saw per timestep (a few MB).  During FFF the
+  latents of the images the pairs use run through the UNet in the same batch as the generated rows, each image once
+  however many pairs use it, as the last rows, with plain attention; the recipes take h from those rows on the fly.
+
+During FFF, ``pairs`` maps the generated rows to images: row i (and row i + P, the other guidance branch, when the
+batch holds both) is pair i = (content image, style image).  ``mix`` hands a recipe the features of each row's own
+content and style image: (1, N, C) when every row uses the same image (broadcast), else (B, N, C) row by row.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 import torch
 
 from .plain import plain
 
-# A mixing rule: (layer, x of the generated rows (B, N, C), h_c (1, N, C), h_s (1, N, C)) -> (B, N, C) before to_out.
+# A mixing rule: (layer, x (B, N, C) of the generated rows, h_c, h_s (1 or B, N, C) of each row's content and style
+# image, both with the same batch) -> (B, N, C) before the layer's output projection.
 Mix = Callable[..., torch.Tensor]
+# An observer of the attention a recipe computes (diagnostics): (layer path, timestep, q (B, Nq, C), k (1 or B, Nk, C),
+# number of style keys at the end of k, heads, pair index of each row of q).
+Observer = Callable[..., None]
 
 MODES = ("memory", "recompute")
+CFG_ROWS = ("both", "cond")
 
 
 @dataclass
 class FeatureStore:
     mode: str = "memory"
     dtype: torch.dtype = torch.float16
-    timesteps: set[int] | None = None  # the timesteps at which features are kept and used; None: all
+    timesteps: set[int] | None = None  # CSDI: the timesteps recorded; FFF: those the recipe runs at.  None: all
     t: int | None = None  # the timestep of the UNet call in progress, set by the pipeline
-    features: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    latents: dict[int, torch.Tensor] = field(default_factory=dict)  # recompute: (2, 4, h, w) content and style per t
+    images: int = 2  # CSDI: how many images the batch holds (the last rows of each UNet batch)
+    features: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # memory: (path, t) -> (N, tokens, C)
+    latents: dict[int, torch.Tensor] = field(default_factory=dict)  # recompute: t -> (N, 4, h, w), float32
+    pairs: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1)])  # FFF: (content, style) image per row
+    cfg_rows: str = "both"  # FFF under guidance: the recipe runs in both branches' rows, or only the conditional's
+    observer: Observer | None = None  # FFF: diagnostics, if asked for
+    _row_pairs: list[int] = field(default_factory=list, repr=False)  # pair of each row handed to the recipe
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"store.mode must be one of {MODES}, not {self.mode!r}")
+        if self.cfg_rows not in CFG_ROWS:
+            raise ValueError(f"ffa.cfg_rows must be one of {CFG_ROWS}, not {self.cfg_rows!r}")
 
     @property
     def active(self) -> bool:
@@ -45,32 +62,91 @@ class FeatureStore:
 
     # -- CSDI -------------------------------------------------------------------------------------------------------
     def record(self, path: str, x: torch.Tensor) -> None:
-        """Keep the attention input of the content and style images (the last two rows) at the current timestep."""
+        """Keep the attention input of the images (the last ``images`` rows: the conditional branch under guidance)."""
         if self.active:
-            # copies, not views: a view of a row would keep the whole batch's activation alive
-            self.features[(path, self.t)] = (x[-2:-1].to(self.dtype, copy=True), x[-1:].to(self.dtype, copy=True))
+            # a copy, not a view: a view of some rows would keep the whole batch's activation alive
+            self.features[(path, self.t)] = x[-self.images:].to(self.dtype, copy=True)
 
     def record_latents(self, x: torch.Tensor) -> None:
-        """recompute mode: keep the (content, style) latents the UNet sees at the current timestep (float32)."""
+        """recompute mode: keep the latents (N, 4, h, w) the UNet sees at the current timestep (float32)."""
         if self.mode == "recompute" and self.active:
             self.latents[self.t] = x.float()
 
+    # -- cutting and merging (Inversion.select / Inversion.cat) -----------------------------------------------------
+    def select(self, indices: Sequence[int]) -> FeatureStore:
+        """The store of the images ``indices`` (in that order), with copies of their features."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return replace(
+            self, t=None, images=len(index), pairs=[(0, 1)], observer=None,
+            features={k: v[index.to(v.device)] for k, v in self.features.items()},
+            latents={k: v[index.to(v.device)] for k, v in self.latents.items()},
+        )
+
+    @staticmethod
+    def cat(stores: Sequence[FeatureStore]) -> FeatureStore:
+        """The images of ``stores`` one after the other; they must hold the same mode, dtype, steps and layers."""
+        first = stores[0]
+        for other in stores[1:]:
+            if (other.mode, other.dtype, other.timesteps) != (first.mode, first.dtype, first.timesteps) or (
+                other.features.keys() != first.features.keys() or other.latents.keys() != first.latents.keys()
+            ):
+                raise ValueError("only inversions with the same store mode, dtype, steps and layers can be merged")
+        return replace(
+            first, t=None, images=sum(s.images for s in stores), pairs=[(0, 1)], observer=None,
+            features={k: torch.cat([s.features[k] for s in stores]) for k in first.features},
+            latents={k: torch.cat([s.latents[k] for s in stores]) for k in first.latents},
+        )
+
     # -- FFF --------------------------------------------------------------------------------------------------------
+    @property
+    def reference_images(self) -> list[int]:
+        """recompute mode: the images the pairs use, each once, in the order of the reference rows."""
+        return sorted({i for pair in self.pairs for i in pair})
+
+    def reference_rows(self) -> torch.Tensor | None:
+        """recompute mode: the latents of the images the pairs use, to append to the UNet batch at this timestep."""
+        if self.mode != "recompute" or not self.active:
+            return None
+        return self.latents[self.t][self.reference_images]
+
     def mix(self, layer, x: torch.Tensor, mix: Mix) -> torch.Tensor:
-        """Run ``mix`` on the generated rows of ``x`` with this layer's h^C and h^S at the current timestep."""
+        """Run ``mix`` on the generated rows of ``x`` with each row's own h^C and h^S at the current timestep."""
         if not self.active:
             return plain(layer, x)
         if self.mode == "memory":
-            h_c, h_s = self.features[(layer.path, self.t)]
-            return mix(layer, x, h_c.to(x.dtype), h_s.to(x.dtype))
-        generated, reference = x[:-2], x[-2:]  # the last two rows are content and style (see ``reference_rows``)
-        return torch.cat([mix(layer, generated, reference[0:1], reference[1:2]), plain(layer, reference)])
+            generated, h = x, self.features[(layer.path, self.t)]
+            content, style = zip(*self.pairs)
+        else:  # the last rows are the reference images (see ``reference_rows``)
+            refs = self.reference_images
+            generated, h = x[: -len(refs)], x[-len(refs):]
+            content, style = zip(*[(refs.index(c), refs.index(s)) for c, s in self.pairs])
+        P, B = len(self.pairs), generated.shape[0]
+        branches = B // P  # 2 under guidance: rows [uncond pairs..., cond pairs...]
+        skip = P if self.cfg_rows == "cond" and branches == 2 else 0  # unconditional rows that keep plain attention
+        rows = range(skip, B)
+        self._row_pairs = [r % P for r in rows]
+        h_c, h_s = _rows(h, [content[p] for p in self._row_pairs], [style[p] for p in self._row_pairs], x.dtype)
+        out = mix(layer, generated[skip:], h_c, h_s)
+        parts = ([plain(layer, generated[:skip])] if skip else []) + [out]
+        if self.mode == "recompute":
+            parts.append(plain(layer, h))
+        return torch.cat(parts) if len(parts) > 1 else out
 
-    def reference_rows(self) -> torch.Tensor | None:
-        """recompute mode: the content and style latents to append to the UNet batch at the current timestep."""
-        return self.latents[self.t] if self.mode == "recompute" and self.active else None
+    def observe(self, layer, q: torch.Tensor, k: torch.Tensor, style_keys: int) -> None:
+        """Hand a recipe's attention to the diagnostics, if any: q (B, Nq, C), k (1 or B, Nk, C), the last
+        ``style_keys`` keys are the style image's.  Costs one attribute test when diagnostics are off."""
+        if self.observer is not None:
+            self.observer(layer.path, self.t, q, k, style_keys, layer.heads, self._row_pairs)
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for pair in self.features.values() for t in pair] + list(self.latents.values())
+        tensors = list(self.features.values()) + list(self.latents.values())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _rows(h: torch.Tensor, content: list[int], style: list[int], dtype: torch.dtype):
+    """h (N, tokens, C) -> (h_c, h_s), each (1, tokens, C) when all rows share the image, else (B, tokens, C)."""
+    if len(set(content)) == 1 and len(set(style)) == 1:
+        return h[content[0]: content[0] + 1].to(dtype), h[style[0]: style[0] + 1].to(dtype)
+    index = torch.tensor(content + style, device=h.device)
+    return h[index].to(dtype).chunk(2)

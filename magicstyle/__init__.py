@@ -2,6 +2,6 @@
 __version__ = "0.1.0"
 
 from .config import ConfigError, load_config  # noqa: E402
-from .pipeline import Inversion, csdi, fff, load_model, stylize  # noqa: E402
+from .pipeline import Inversion, csdi, fff, inversion_key, load_model, stylize  # noqa: E402
 
-__all__ = ["ConfigError", "Inversion", "__version__", "csdi", "fff", "load_config", "load_model", "stylize"]
+__all__ = ["ConfigError", "Inversion", "__version__", "csdi", "fff", "inversion_key", "load_config", "load_model", "stylize"]

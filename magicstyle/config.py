@@ -112,6 +112,7 @@ def validate(cfg: DictConfig) -> None:
     choice("store.mode", ("memory", "recompute"))
     choice("store.dtype", tuple(DTYPES))
     choice("ffa.recipe", tuple(RECIPES))
+    choice("ffa.cfg_rows", ("both", "cond"))
     for key in ("ffa.adain_values", "ffa.adain_latents", "inversion.sample_posterior", "model.prepack"):
         check(isinstance(OmegaConf.select(cfg, key), bool), f"{key} must be true or false")
     for key in ("inversion.prompt", "generation.prompt", "generation.negative_prompt"):

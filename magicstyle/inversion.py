@@ -1,0 +1,169 @@
+"""Content and Style DDIM Inversion (paper Sec. III-B) of N >= 1 images, and the pieces CSDI and FFF share.
+
+``csdi`` inverts any number of images in one batch and keeps, per image, what FFF needs: z_T and the features of the
+chosen self-attention layers per step (``store.mode=memory``) or the latent each step saw (``recompute``).  An
+``Inversion`` can be cut (``select``) and merged (``Inversion.cat``), so that each image is inverted once however many
+pairs use it; ``inversion_key`` names what an inversion depends on, to reuse one in memory or on disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from attention import FeatureStore, Record
+from models import SD15, UNet, set_recipe
+from sampling import cfg_eps_fn, ddim_invert, ddim_timesteps
+
+from .config import DTYPES, ConfigError
+from .model import encode_text, weights_path
+from .progress import Progress
+
+
+class CountedUNet:
+    """The UNet as the samplers call it, counting calls and rows; returns float32 so guidance and DDIM stay in fp32."""
+
+    def __init__(self, unet: UNet):
+        self.unet, self.calls, self.rows = unet, 0, 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        self.calls, self.rows = self.calls + 1, self.rows + x.shape[0]
+        return self.unet(x, t, context).float()
+
+
+@contextmanager
+def recipes(unet: UNet, paths: list[str], recipe) -> Iterator[None]:
+    """Install ``recipe`` in the given self-attention layers for the duration of the block."""
+    before = {path: unet.get_submodule(path).recipe for path in paths}
+    try:
+        for path in paths:
+            set_recipe(unet, path, recipe)
+        yield
+    finally:
+        for path, previous in before.items():
+            set_recipe(unet, path, previous)
+
+
+def select_layers(unet: UNet, spec: Any) -> list[str]:
+    """``ffa.layers``: 'all', or path prefixes such as 'output_blocks.6' -> the attn1 paths they cover."""
+    paths = [layer.path for layer in unet.self_attention_layers()]
+    if spec == "all":
+        return paths
+    chosen = []
+    for prefix in spec:
+        hits = [p for p in paths if p == prefix or p.startswith(prefix + ".")]
+        if not hits:
+            raise ConfigError(f"ffa.layers: {prefix!r} holds no self-attention layer; layers are e.g. {paths[-1]}")
+        chosen += [p for p in hits if p not in chosen]
+    return chosen
+
+
+def ffa_timesteps(timesteps: list[int], spec: Any) -> set[int]:
+    """``ffa.timesteps``: 'all', or generation step indices (0 = first, noisiest) -> the DDIM timesteps."""
+    return set(timesteps) if spec == "all" else {timesteps[i] for i in spec}
+
+
+@dataclass
+class Inversion:
+    """The result of CSDI: keep it to run FFF again (other pairs, beta, prompt, recipe) without inverting again."""
+
+    z_T: torch.Tensor  # (N, 4, h, w) float32: Z_T of each image
+    timesteps: list[int]  # descending DDIM timesteps
+    layers: list[str]  # the self-attention layers FFF can run a recipe in
+    store: FeatureStore  # per-image features (memory) or latents (recompute)
+    context: torch.Tensor  # (1, 77, D) embedding of the inversion prompt (recompute mode's reference rows use it)
+
+    def __len__(self) -> int:
+        return self.z_T.shape[0]
+
+    def select(self, indices: Sequence[int]) -> Inversion:
+        """The inversion of the images ``indices`` only, in that order (copies: the rest can be freed)."""
+        indices = list(indices)
+        if not indices or any(not 0 <= i < len(self) for i in indices):
+            raise IndexError(f"image indices must lie in [0, {len(self)}), not {indices}")
+        return Inversion(self.z_T[indices], self.timesteps, self.layers, self.store.select(indices), self.context)
+
+    @classmethod
+    def cat(cls, inversions: Sequence[Inversion]) -> Inversion:
+        """The images of ``inversions`` one after the other, e.g. to run pairs across images inverted separately."""
+        first = inversions[0]
+        for other in inversions[1:]:
+            same = (other.timesteps, other.layers, other.store.mode, other.store.dtype, other.store.timesteps) == (
+                first.timesteps, first.layers, first.store.mode, first.store.dtype, first.store.timesteps)
+            if not same or not torch.equal(other.context, first.context):
+                raise ConfigError("inversions made with other steps, layers, store or inversion prompt cannot be "
+                                  "merged; invert the images with one configuration")
+        return cls(torch.cat([i.z_T for i in inversions]), first.timesteps, first.layers,
+                   FeatureStore.cat([i.store for i in inversions]), first.context)
+
+
+# The config keys CSDI's result depends on (from the image file to the Inversion).  ffa.layers and ffa.timesteps only
+# matter in memory mode: recompute mode keeps every step's latent, which serves any layer.
+_INVERSION_KEYS = ("size", "steps", "model.dtype", "model.vae_dtype", "model.clip_layer", "inversion.prompt",
+                   "inversion.guidance", "inversion.refine", "inversion.sample_posterior", "store.mode")
+_MEMORY_KEYS = ("store.dtype", "ffa.layers", "ffa.timesteps")
+
+
+def inversion_key(cfg: DictConfig) -> str:
+    """A stable digest (20 hex digits) of every config value that changes CSDI's result for a given image file.
+
+    The checkpoint, VAE and hyper-parameter files count by name and size (not by path, so that machines sharing a
+    cache folder agree, and not by hash, which would read gigabytes); the device and ``model.prepack`` do not count
+    (they change rounding, not the method).  Add the image's own content hash to key a single image.
+    """
+    values: dict[str, Any] = {"format": "magicstyle-inversion/1"}
+    keys = _INVERSION_KEYS + (_MEMORY_KEYS if cfg.store.mode == "memory" else ())
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        values[key] = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+    if cfg.inversion.sample_posterior:
+        values["seed"] = cfg.seed
+    for key in ("model.weights", "model.vae", "model.hparams"):
+        name = OmegaConf.select(cfg, key)
+        if name:
+            path = weights_path(name)
+            values[key] = [path.name, path.stat().st_size if path.is_file() else None]
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def csdi(
+    sd: SD15, z0: torch.Tensor, cfg: DictConfig, *, progress: Progress | None = None, stats: dict | None = None
+) -> Inversion:
+    """Content and Style DDIM Inversion (Sec. III-B) of the images z0 (N, 4, h, w), one batch, recording features.
+
+    Image i of z0 is image i of the result: FFF's ``pairs`` refer to these indices.  ``stats``, if given, is updated
+    with ``invert_unet_calls`` and ``invert_unet_rows``.
+    """
+    timesteps = ddim_timesteps(cfg.steps)
+    memory = cfg.store.mode == "memory"
+    all_layers = select_layers(sd.unet, "all")
+    layers = select_layers(sd.unet, cfg.ffa.layers) if memory else all_layers
+    store = FeatureStore(
+        mode=cfg.store.mode, dtype=DTYPES[cfg.store.dtype], images=z0.shape[0],
+        timesteps=ffa_timesteps(timesteps, cfg.ffa.timesteps) if memory else set(timesteps),
+    )
+    context, uncond = encode_text(sd, [cfg.inversion.prompt, ""], cfg.model.clip_layer).chunk(2)
+    model = CountedUNet(sd.unet)
+    guided = cfg_eps_fn(model, context, uncond, cfg.inversion.guidance)
+
+    def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+        store.t = t
+        store.record_latents(x)  # recompute mode only
+        return guided(x, t)
+
+    if progress:
+        progress.begin("invert", len(timesteps))
+    with recipes(sd.unet, layers if memory else [], Record(store)):
+        z_T = ddim_invert(eps_fn, z0, timesteps, refine=cfg.inversion.refine,
+                          callback=progress and (lambda s: progress.update(s["i"] + 1)))
+    store.t = None
+    if stats is not None:
+        stats.update(invert_unet_calls=model.calls, invert_unet_rows=model.rows)
+    return Inversion(z_T, timesteps, layers, store, context)

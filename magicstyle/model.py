@@ -1,0 +1,89 @@
+"""The model side of the pipeline: device and dtype, loading SD1.5, and the VAE and text encoder as the pipeline
+uses them (images <-> scaled latents, prompts -> embeddings)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from models import SD15, load_sd15
+from models.conv import cpu_has_bf16, set_prepack
+
+from .config import DTYPES, ROOT, ConfigError
+from .images import open_rgb, square, to_rgb, to_tensor
+
+LATENT_SCALE = 0.18215  # SD1.x: latents are scaled to unit variance before diffusion
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but no CUDA GPU is available; use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device mps was asked for, but MPS is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def resolve_dtypes(name: str, vae_name: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(UNet and text encoder dtype, VAE dtype).  ``auto``: bfloat16 on bf16-capable CPUs, float16 on CUDA/MPS."""
+    if name == "auto":
+        name = ("bfloat16" if cpu_has_bf16() else "float32") if device.type == "cpu" else "float16"
+    dtype = DTYPES[name]
+    if vae_name == "auto":  # fp16 SD VAEs overflow into black images: keep them in float32
+        return dtype, torch.float32 if dtype == torch.float16 else dtype
+    return dtype, DTYPES[vae_name]
+
+
+def weights_path(value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or path.exists() else ROOT / path
+
+
+def load_model(cfg: DictConfig) -> SD15:
+    device = resolve_device(cfg.model.device)
+    dtype, vae_dtype = resolve_dtypes(cfg.model.dtype, cfg.model.vae_dtype, device)
+    sd = load_sd15(
+        weights_path(cfg.model.weights),
+        device=device,
+        dtype=dtype,
+        vae_dtype=vae_dtype,
+        vae=weights_path(cfg.model.vae) if cfg.model.vae else None,
+        hparams=weights_path(cfg.model.hparams) if cfg.model.hparams else None,
+    )
+    for model in (sd.unet, sd.vae):
+        set_prepack(model, cfg.model.prepack)
+    return sd
+
+
+@torch.no_grad()
+def encode_text(sd: SD15, prompts: list[str], layer: str = "last") -> torch.Tensor:
+    """prompts -> (B, 77, D) in the UNet's dtype."""
+    device = next(sd.text_encoder.parameters()).device
+    return sd.text_encoder(sd.tokenizer(prompts).to(device), layer=layer)
+
+
+@torch.no_grad()
+def encode_images(sd: SD15, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8) float32: the posterior mean, or a sample."""
+    device = next(sd.vae.parameters()).device
+    posterior = sd.vae.encode(images.to(device))
+    z = posterior.mean if generator is None else posterior.sample(generator)
+    return LATENT_SCALE * z.float()
+
+
+@torch.no_grad()
+def decode_latents(sd: SD15, z: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> (B, 3, H, W) float32, not clamped."""
+    return sd.vae.decode(z / LATENT_SCALE).float()
+
+
+def load_image(image: str | Path | Image.Image, size: int) -> torch.Tensor:
+    img = to_rgb(image) if isinstance(image, Image.Image) else open_rgb(image)
+    return to_tensor(square(img, size))

@@ -1,0 +1,113 @@
+"""Many images per inversion and many pairs per UNet batch: the pipeline API of CSDI/FFF (csdi over N images,
+Inversion.select / Inversion.cat, fff(..., pairs=...), inversion_key)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _tiny import ASTRONAUT
+from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS
+from magicstyle import ConfigError, Inversion, csdi, fff, inversion_key, load_config, load_model
+from magicstyle.pipeline import decode_latents, encode_images, load_image
+
+IMAGES = [ASTRONAUT, ROOT / "examples" / "ihc.png", ROOT / "examples" / "hubble_deep_field.jpg",
+          ROOT / "examples" / "grace_hopper.jpg"]
+# Contents and styles shared between pairs, an image that is content in one pair and style in another, and a pair
+# whose content is its style: the rows need per-row features, not one broadcast pair.
+PAIRS = [(0, 1), (3, 2), (0, 2), (1, 1)]
+TINY = {"size": 64, "steps": 3, "model": {"weights": str(TINY_WEIGHTS), "hparams": str(TINY_HPARAMS),
+                                          "dtype": "float32", "device": "cpu"}}
+
+
+def config(**over):
+    merged = {**TINY, **over}
+    merged["model"] = {**TINY["model"], **over.get("model", {})}
+    return load_config(None, merged)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return load_model(config())
+
+
+@pytest.fixture(scope="module")
+def z0(sd):
+    return encode_images(sd, torch.cat([load_image(path, 64) for path in IMAGES]))  # (4, 4, 8, 8)
+
+
+def assert_same_images(sd, a, b):
+    """float32 rounding differs with the batch shape (in float64 the two agree exactly); a random tiny UNet amplifies
+    it, still far inside 2/255 per pixel."""
+    torch.testing.assert_close(a, b, rtol=0, atol=5e-3)  # latents
+    assert (decode_latents(sd, a) - decode_latents(sd, b)).abs().max() <= 2 / 255 * 2  # 2/255 per pixel in [-1, 1]
+
+
+@pytest.mark.parametrize("mode", ["memory", "recompute"])
+def test_pairs_in_one_batch_equal_the_pairs_one_at_a_time(sd, z0, mode):
+    cfg = config(store={"mode": mode})
+    inversion = csdi(sd, z0, cfg)
+    batched = fff(sd, inversion, cfg, pairs=PAIRS)
+    assert batched.shape == (len(PAIRS), 4, 8, 8)
+    alone = torch.cat([fff(sd, inversion, cfg, pairs=[pair]) for pair in PAIRS])
+    assert_same_images(sd, batched, alone)
+    # and each equals today's two-image call on an inversion of just its content and style
+    c, s = PAIRS[1]
+    assert_same_images(sd, batched[1:2], fff(sd, csdi(sd, z0[[c, s]], cfg), cfg))
+
+
+def test_recompute_runs_each_image_once_per_batch(sd, z0):
+    cfg, steps = config(store={"mode": "recompute"}), 3
+    counts = {}
+    inversion = csdi(sd, z0, cfg, stats=counts)
+    fff(sd, inversion, cfg, pairs=PAIRS, stats=counts)
+    assert counts["invert_unet_rows"] == steps * len(IMAGES)
+    # guidance 5: 2 rows per pair, plus one reference row per distinct image, not two per pair
+    assert counts["generate_unet_calls"] == steps
+    assert counts["generate_unet_rows"] == steps * (2 * len(PAIRS) + 4)
+    fff(sd, inversion, cfg, pairs=[(0, 2), (0, 1)], stats=counts)
+    assert counts["generate_unet_rows"] == steps * (2 * 2 + 3)
+
+
+@pytest.mark.parametrize("mode", ["memory", "recompute"])
+def test_select_and_cat(sd, z0, mode):
+    cfg = config(store={"mode": mode})
+    inversion = csdi(sd, z0, cfg)
+    assert len(inversion) == 4
+    merged = Inversion.cat([inversion.select([0, 1]), inversion.select([2, 3])])
+    assert torch.equal(merged.z_T, inversion.z_T) and merged.store.nbytes == inversion.store.nbytes
+    for key, value in {**inversion.store.features, **inversion.store.latents}.items():
+        assert torch.equal({**merged.store.features, **merged.store.latents}[key], value)
+    picked = inversion.select([3, 2])
+    assert torch.equal(fff(sd, picked, cfg), fff(sd, inversion, cfg, pairs=[(3, 2)]))
+    with pytest.raises(ConfigError, match="merged"):
+        Inversion.cat([inversion, csdi(sd, z0[:1], config(store={"mode": mode}, steps=2))])
+    with pytest.raises(ConfigError, match="pair"):
+        fff(sd, inversion, cfg, pairs=[(0, 4)])
+    with pytest.raises(IndexError):
+        inversion.select([5])
+
+
+def test_memory_mode_keeps_one_input_per_image_layer_and_step(sd, z0):
+    inversion = csdi(sd, z0, config())
+    assert len(inversion.store.features) == 3 * len(inversion.layers)
+    assert all(h.shape[0] == 4 for h in inversion.store.features.values())
+
+
+def test_inversion_key_names_what_changes_csdi():
+    base = inversion_key(config())
+    assert base == inversion_key(config()) and len(base) == 20
+    same = [config(ffa={"beta": 0.5, "alpha": 0.5}), config(generation={"prompt": "x"}),
+            config(model={"device": "cpu", "prepack": False})]
+    assert all(inversion_key(c) == base for c in same)
+    other = [config(steps=4), config(size=128), config(inversion={"prompt": "x"}), config(inversion={"refine": 1}),
+             config(ffa={"layers": "all"}), config(ffa={"timesteps": [0]}), config(store={"mode": "recompute"}),
+             config(store={"dtype": "float32"}), config(model={"dtype": "bfloat16"})]
+    keys = [inversion_key(c) for c in other]
+    assert base not in keys and len(set(keys)) == len(keys)
+    # recompute mode keeps every step's latent, which serves any layer and step
+    recompute = inversion_key(config(store={"mode": "recompute"}))
+    assert inversion_key(config(store={"mode": "recompute"}, ffa={"layers": "all", "timesteps": [1]})) == recompute
+    # the seed counts only when the latent is a posterior sample
+    assert inversion_key(config(seed=3)) == base
+    sampled = {"sample_posterior": True}
+    assert inversion_key(config(seed=3, inversion=sampled)) != inversion_key(config(inversion=sampled))
