@@ -102,6 +102,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("alpha", "beta"):
         value = number(f"ffa.{key}")
         check(0.0 <= value <= 1.0, f"ffa.{key} must lie in [0, 1], not {value}")
+    check(0.0 <= number("styleid.gamma") <= 1.0, f"styleid.gamma must lie in [0, 1], not {cfg.styleid.gamma}")
+    check(number("styleid.temperature") > 0, f"styleid.temperature must be positive, not {cfg.styleid.temperature}")
     for key in ("inversion.guidance", "generation.guidance"):
         check(number(key) >= 0, f"{key} must not be negative")
     check(integer("inversion.refine") >= 0, "inversion.refine must be 0 or more")
