@@ -130,3 +130,21 @@ def validate(cfg: DictConfig) -> None:
         f"ffa.timesteps must be 'all' or a list of step indices in [0, {steps}), not {ts!r}",
     )
     check(isinstance(cfg.model.weights, str) and cfg.model.weights != "", "model.weights must be a file path")
+    diagnostics_region(cfg)
+
+
+def diagnostics_region(cfg: DictConfig) -> tuple[int, int, int, int] | None:
+    """``diagnostics.region``: null, "x0,y0,x1,y1" or [x0, y0, x1, y1] in output pixels -> a checked tuple, or None."""
+    value = cfg.diagnostics.region
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, ListConfig) else [value]
+    try:
+        box = tuple(int(str(v).strip()) for v in items)
+    except ValueError:
+        box = ()
+    x0, y0, x1, y1 = box if len(box) == 4 else (0, 0, 0, 0)
+    if not (0 <= x0 < x1 <= cfg.size and 0 <= y0 < y1 <= cfg.size):
+        raise ConfigError(f"diagnostics.region must be x0,y0,x1,y1 in pixels of the {cfg.size}x{cfg.size} output "
+                          f"with x0 < x1 and y0 < y1, not {value!r}")
+    return box

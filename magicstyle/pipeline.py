@@ -104,7 +104,8 @@ def fff(
     # FFF's own view of the inversion's store: these pairs, these steps (the features are shared, not copied)
     store = replace(inversion.store, t=None, timesteps=used, pairs=pairs, cfg_rows=cfg.ffa.cfg_rows, observer=None)
     if diagnostics is not None:
-        store.observer = diagnostics.begin(layers, timesteps, pairs, size=inversion.z_T.shape[-1] * 8)
+        store.observer = diagnostics.begin(layers, timesteps, pairs, size=inversion.z_T.shape[-1] * 8,
+                                           recipe=cfg.ffa.recipe)
     content, style = (inversion.z_T[list(idx)] for idx in zip(*pairs))  # (P, 4, h, w) each
     z_T = adain(content, style, dim=(2, 3)) if cfg.ffa.adain_latents else content  # eq. 4: per channel, spatial axes
     cond, uncond = encode_text(sd, [cfg.generation.prompt, cfg.generation.negative_prompt], cfg.model.clip_layer).chunk(2)
