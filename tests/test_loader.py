@@ -6,11 +6,13 @@ Variants of the tiny checkpoint are written into tmp_path by the small helpers o
 model is loaded once for the module."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import pickle
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -440,7 +442,22 @@ def test_read_errors_are_checkpoint_errors(tmp_path, monkeypatch, case):
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
 def test_named_pipe_where_the_checkpoint_should_be(tmp_path):
-    """A FIFO is refused by its type: opening it to read would wait forever for a writer."""
+    """A FIFO is refused by its type: opening it to read would wait forever for a writer.  While the test runs, a
+    thread plays that writer (opening and closing the FIFO whenever a reader waits), so that a loader that opens the
+    FIFO reads an empty file and fails the test instead of hanging it."""
     fifo = tmp_path / "model.safetensors"
     os.mkfifo(fifo)
-    refused(fifo, "not a file")
+    done = threading.Event()
+
+    def writer():
+        while not done.wait(0.05):
+            with contextlib.suppress(OSError):  # ENXIO: nobody is reading
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        refused(fifo, "not a file")
+    finally:
+        done.set()
+        thread.join()
