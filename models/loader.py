@@ -13,6 +13,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from reprlib import repr as _short  # a repr cut to a few items: messages stay one short line
 from typing import Any, Callable, Mapping
 
 import torch
@@ -135,8 +136,9 @@ def _read_header(path: Path, what: str) -> tuple[dict[str, dict], int]:
 
 
 def parse_header(raw: bytes) -> dict:
-    """The JSON object in ``raw``, read as strictly as the safetensors library reads it: UTF-8, no NaN or Infinity,
-    numbers within a double's range, no lone surrogate escape, no duplicate key.  Raises ValueError naming the problem."""
+    """The JSON object in ``raw``, read as strictly as the safetensors library reads it (UTF-8, no NaN or Infinity,
+    numbers within a double's range, no lone surrogate escape) and with no duplicate key, which the format disallows
+    (the library lets duplicate tensor names through).  Raises ValueError naming the problem."""
     def unique(pairs: list) -> dict:
         if len(obj := dict(pairs)) < len(pairs):
             raise ValueError(f"duplicate key {next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)!r}")
@@ -161,13 +163,10 @@ def parse_header(raw: bytes) -> dict:
 def header_problem(header: dict, data_size: int) -> str | None:
     """How ``header`` breaks the safetensors format, or None; ``data_size``: the bytes after the header.
 
-    The format's rules (those of the safetensors library, plus two it lets through: duplicate keys, refused by
-    ``parse_header``, and entries that are not objects): ``__metadata__``, if present and not null, maps strings to
-    strings; every other key names a tensor whose entry is an object with a known ``dtype``, a ``shape`` of
-    non-negative integers and ``data_offsets`` [begin, end] of two non-negative integers, end - begin being the shape's
-    element count times the dtype's size; sorted by offset, the tensors cover the data from byte 0 to its very end
-    without gap or overlap.  Extra fields in an entry are ignored, as the library ignores them.
-    """
+    The library's rules, and one more (entries must be objects): ``__metadata__`` (if not null) maps strings to strings;
+    any other key names a tensor, whose entry has a known ``dtype``, a ``shape`` of non-negative integers and
+    ``data_offsets`` [begin, end] with end - begin = element count x dtype size (other fields are ignored); sorted by
+    offset, the tensors cover the data from byte 0 to its very end without gap or overlap."""
     meta = header.get("__metadata__")
     if meta is not None and not isinstance(meta, dict):
         return f"has a corrupt header: __metadata__ is {_short(meta)}, not a map of strings to strings"
@@ -218,11 +217,6 @@ def header_problem(header: dict, data_size: int) -> str | None:
         return (f"has {extra} byte{'s' if extra > 1 else ''} after the last tensor (the tensors must end at the end of "
                 "the file: a wrong header length, or data appended?)")
     return None
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------------------------

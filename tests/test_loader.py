@@ -6,13 +6,9 @@ Variants of the tiny checkpoint are written into tmp_path by the small helpers o
 model is loaded once for the module."""
 from __future__ import annotations
 
-import contextlib
-import errno
-import io
 import os
 import pickle
 import struct
-import threading
 from pathlib import Path
 
 import pytest
@@ -397,67 +393,3 @@ def test_text_encoder_nested_under_text_model(tmp_path, ref_out):
     assert any(k.startswith(TEXT_PREFIX + "text_model.encoder.") for k in SafetensorsFile(path).shapes)
     sd = load_tiny(path)
     assert_same_model(sd, ref_out, parts=("text",))
-
-
-DATA_START = 8 + struct.unpack("<Q", TINY.read_bytes()[:8])[0]  # where the tiny checkpoint's tensor bytes begin
-
-
-class BadSectors(io.FileIO):
-    """A file whose reads fail with EIO from ``DATA_START`` on, as a failing disk fails in the middle of a file."""
-
-    def readinto(self, buffer):
-        if self.tell() >= DATA_START:
-            raise OSError(errno.EIO, "Input/output error")
-        return super().readinto(buffer)
-
-
-@pytest.mark.parametrize("case", ["permission denied", "I/O error at open", "I/O error inside a tensor"])
-def test_read_errors_are_checkpoint_errors(tmp_path, monkeypatch, case):
-    """An OSError from the file (as the root user of CI can only see it simulated) is one CheckpointError naming the
-    file, the error, and the tensor whose bytes could not be read."""
-    import builtins
-
-    path = tmp_path / "unreadable.safetensors"
-    path.write_bytes(TINY.read_bytes())
-    real_open = builtins.open
-
-    def failing_open(file, *args, **kwargs):
-        if Path(str(file)) != path:
-            return real_open(file, *args, **kwargs)
-        if case == "permission denied":
-            raise PermissionError(errno.EACCES, "Permission denied", str(file))
-        if case == "I/O error at open":
-            raise OSError(errno.EIO, "Input/output error", str(file))
-        return io.BufferedReader(BadSectors(file, "r"))
-
-    monkeypatch.setattr(builtins, "open", failing_open)
-    with pytest.raises(CheckpointError) as info:
-        load_sd15(path, hparams=HPARAMS)
-    msg = str(info.value)
-    assert "cannot read" in msg and path.name in msg and "\n" not in msg, msg
-    assert ("Permission denied" if case == "permission denied" else "Input/output error") in msg
-    if case == "I/O error inside a tensor":
-        assert "tensor " + UNET_PREFIX in msg  # the UNet is read first
-
-
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
-def test_named_pipe_where_the_checkpoint_should_be(tmp_path):
-    """A FIFO is refused by its type: opening it to read would wait forever for a writer.  While the test runs, a
-    thread plays that writer (opening and closing the FIFO whenever a reader waits), so that a loader that opens the
-    FIFO reads an empty file and fails the test instead of hanging it."""
-    fifo = tmp_path / "model.safetensors"
-    os.mkfifo(fifo)
-    done = threading.Event()
-
-    def writer():
-        while not done.wait(0.05):
-            with contextlib.suppress(OSError):  # ENXIO: nobody is reading
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
-    try:
-        refused(fifo, "not a file")
-    finally:
-        done.set()
-        thread.join()

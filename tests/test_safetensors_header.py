@@ -1,14 +1,20 @@
-"""The safetensors header checks of models/loader.py (issue 16): a damaged file is refused with a CheckpointError that
-names the tensor and the rule, before any tensor is read, and a file the loader accepts loads exactly what the
-``safetensors`` library loads from it.
+"""Reading a safetensors file (models/loader.py ``SafetensorsFile``).  The header checks (issue 16): a damaged file is
+refused with a CheckpointError that names the tensor and the rule, before any tensor is read, and a file the loader
+accepts loads exactly what the ``safetensors`` library loads from it.  Errors of the file system (permission, I/O, a
+FIFO) are CheckpointErrors too, also when the tests run as root.
 
 Damaged copies of the tiny checkpoint are written by ``damaged`` (an edit of the parsed header, of its bytes, of the
 header length, or bytes appended); the property test flips single bytes of a small file's header."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
+import os
 import random
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,10 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import train_free_run
-from _ckpt_helpers import TINY
+from _ckpt_helpers import HPARAMS, TINY
 from _tiny import gradient, write_config
 from models import CheckpointError
-from models.loader import SafetensorsFile
+from models.loader import UNET_PREFIX, SafetensorsFile, load_sd15
 
 
 def parts(path: Path) -> tuple[bytes, bytes]:
@@ -167,7 +173,6 @@ def test_damaged_header_is_refused_naming_tensor_and_rule(tmp_path, damage, word
     pytest.param(dict(edit=lambda h: h.update(__metadata__=None)), id="__metadata__ null"),
     pytest.param(dict(edit=lambda h: h.pop("__metadata__")), id="no __metadata__"),
     pytest.param(dict(edit=lambda h: h[B].update(note={"x": [1, 2.5, None]})), id="an extra field in an entry"),
-    pytest.param(dict(text=lambda r: b" \t\n" + r), id="whitespace before the header"),
     pytest.param(dict(text=lambda r: r.replace(b"alphas_cumprod", b"\\u0061lphas_cumprod", 1)), id="escaped name"),
 ])
 def test_valid_variants_load_like_the_library(tmp_path, damage):
@@ -272,3 +277,71 @@ def test_single_byte_flips_of_the_header_load_like_the_library_or_are_refused(tm
         seen[kind] = seen.get(kind, 0) + 1
     # the flips reach both sides: valid files that load, and damage of many kinds that is refused
     assert seen.get("both load", 0) >= 20 and seen.get("both refuse", 0) >= 150, seen
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors of the file system
+
+DATA_START = 8 + struct.unpack("<Q", TINY.read_bytes()[:8])[0]  # where the tiny checkpoint's tensor bytes begin
+
+
+class BadSectors(io.FileIO):
+    """A file whose reads fail with EIO from ``DATA_START`` on, as a failing disk fails in the middle of a file."""
+
+    def readinto(self, buffer):
+        if self.tell() >= DATA_START:
+            raise OSError(errno.EIO, "Input/output error")
+        return super().readinto(buffer)
+
+
+@pytest.mark.parametrize("case", ["permission denied", "I/O error at open", "I/O error inside a tensor"])
+def test_read_errors_are_checkpoint_errors(tmp_path, monkeypatch, case):
+    """An OSError from the file (as the root user of CI can only see it simulated) is one CheckpointError naming the
+    file, the error, and the tensor whose bytes could not be read."""
+    import builtins
+
+    path = tmp_path / "unreadable.safetensors"
+    path.write_bytes(TINY.read_bytes())
+    real_open = builtins.open
+
+    def failing_open(file, *args, **kwargs):
+        if Path(str(file)) != path:
+            return real_open(file, *args, **kwargs)
+        if case == "permission denied":
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        if case == "I/O error at open":
+            raise OSError(errno.EIO, "Input/output error", str(file))
+        return io.BufferedReader(BadSectors(file, "r"))
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+    with pytest.raises(CheckpointError) as info:
+        load_sd15(path, hparams=HPARAMS)
+    msg = str(info.value)
+    assert "cannot read" in msg and path.name in msg and "\n" not in msg, msg
+    assert ("Permission denied" if case == "permission denied" else "Input/output error") in msg
+    if case == "I/O error inside a tensor":
+        assert "tensor " + UNET_PREFIX in msg  # the UNet is read first
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
+def test_named_pipe_where_the_checkpoint_should_be(tmp_path):
+    """A FIFO is refused by its type: opening it to read would wait forever for a writer.  While the test runs, a
+    thread plays that writer (opening and closing the FIFO whenever a reader waits), so that a loader that opens the
+    FIFO reads an empty file and fails the test instead of hanging it."""
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def writer():
+        while not done.wait(0.05):
+            with contextlib.suppress(OSError):  # ENXIO: nobody is reading
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(CheckpointError, match="not a file"):
+            SafetensorsFile(fifo)
+    finally:
+        done.set()
+        thread.join()
