@@ -162,11 +162,9 @@ def test_damaged_header_is_refused_naming_tensor_and_rule(tmp_path, damage, word
     assert path.name in msg and "\n" not in msg, msg
     for word in words:
         assert word in msg, f"{word!r} not in: {msg}"
-    if library_refuses:  # the same rule as the format's reference implementation
-        with pytest.raises(Exception):
+    if library_refuses:  # the same rule as the format's reference implementation (safetensors 0.8 lets the others
+        with pytest.raises(Exception):  # through: the last duplicate wins, a list is read as the entry's fields)
             load_file(path)
-    else:  # the library lets these through: last duplicate wins, a list is read as the entry's fields in order
-        assert load_file(path)
 
 
 @pytest.mark.parametrize("damage", [
