@@ -1,4 +1,4 @@
-"""Reading a safetensors file (models/loader.py ``SafetensorsFile``).  The header checks (issue 16): a damaged file is
+"""Reading a safetensors file (models/safetensors_file.py ``SafetensorsFile``).  The header checks (issue 16): a damaged file is
 refused with a CheckpointError that names the tensor and the rule, before any tensor is read, and a file the loader
 accepts loads exactly what the ``safetensors`` library loads from it.  Errors of the file system (permission, I/O, a
 FIFO) are CheckpointErrors too, also when the tests run as root.
