@@ -1,9 +1,9 @@
 """Load an SD1.5 single-file checkpoint (the CompVis/LDM layout) straight from safetensors.
 
 Loading is: read the header (keys and shapes; ``models/safetensors_file.py`` checks it), refuse files that are not
-SD1.5, strip each component's prefix, apply the few checkpoint quirks (each in one small function below), build the modules on the ``meta`` device and
-``load_state_dict(strict=True, assign=True)`` the tensors, cast to ``dtype``.  Any problem raises ``CheckpointError``
-with a message that names it.
+SD1.5, strip each component's prefix, apply the few checkpoint quirks (each in one small function below), build the
+modules on the ``meta`` device and ``load_state_dict(strict=True, assign=True)`` the tensors, cast to ``dtype``.  Any
+problem raises ``CheckpointError`` with a message that names it.
 """
 from __future__ import annotations
 
