@@ -27,11 +27,14 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--content", required=True, help="the portrait to stylize")
-    p.add_argument("--style", required=True, help="the style reference image")
+    p.add_argument("--content", help="the portrait to stylize (required)")
+    p.add_argument("--style", help="the style reference image (required)")
     p.add_argument("--output", help="output PNG (default: outputs/<content>_<style>.png)")
-    p.add_argument("--weights", help="SD1.5 .safetensors checkpoint (default: model.weights, see weights/README.md)")
-    p.add_argument("--vae", help="a separate VAE .safetensors file")
+    p.add_argument("--weights", help="SD1.5 .safetensors checkpoint: a path or hf:OWNER/REPO/FILE.safetensors[@REV] "
+                                     "(default: model.weights, see weights/README.md)")
+    p.add_argument("--vae", help="a separate VAE .safetensors file, path or hf:...; none: the checkpoint's own")
+    p.add_argument("--download-only", action="store_true",
+                   help="fetch the model files the configuration names into the Hugging Face cache, print where, exit")
     p.add_argument("--config", help="a YAML file overriding configs/magicstyle.yaml")
     p.add_argument("--size", type=int, help="image size, a multiple of 64 (default 512)")
     p.add_argument("--steps", type=int, help="DDIM steps for inversion and generation (default 30)")
@@ -44,7 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output / --report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. ffa.layers=all")
-    return p.parse_intermixed_args(argv)
+    args = p.parse_intermixed_args(argv)
+    missing = [f"--{name}" for name in ("content", "style") if getattr(args, name) is None]
+    if missing and not args.download_only:
+        p.error(f"the following arguments are required: {', '.join(missing)}")
+    return args
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
@@ -90,27 +97,29 @@ def main(argv: list[str] | None = None) -> int:
 
     from magicstyle import __version__
     from magicstyle.config import load_config
+    from magicstyle.hub import fetch_all, quiet_hub
     from magicstyle.images import open_rgb, save_png
     from magicstyle.output import check_writable, write_atomic
-    from magicstyle.pipeline import load_model, stylize, weights_path
+    from magicstyle.pipeline import load_model, stylize
     from magicstyle.progress import Progress
     from models.errors import CheckpointError, MagicStyleError
 
     try:
         # 1. Everything the user gave is checked before the model is loaded.
         cfg = load_config(args.config, config_overrides(args), args.overrides)
+        quiet_hub(progress=not args.quiet)
+        if args.download_only:
+            for key, path in fetch_all(cfg).items():
+                print(f"{key}: {path}")
+            return 0
         content, style = open_rgb(args.content), open_rgb(args.style)
         output = Path(args.output) if args.output else default_output(args.content, args.style)
         report = Path(args.report) if args.report else None
         check_writable(output, overwrite=args.overwrite, what="--output")
         if report is not None:
             check_writable(report, overwrite=args.overwrite, what="--report")
-        weights = weights_path(cfg.model.weights)
-        if not weights.is_file():
-            raise CheckpointError(
-                f"weights file {weights} not found; put an SD1.5 .safetensors checkpoint there or pass --weights "
-                "(see weights/README.md)"
-            )
+        files = fetch_all(cfg)  # local paths, or Hub files (downloaded now if not in the cache)
+        weights = files["model.weights"]
 
         for name, img in (("content", content), ("style", style)):
             if img.width != img.height and not args.quiet:
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": cfg.seed,
             "checkpoint": weights.name,
             "checkpoint_sha256": file_sha256(weights)[:10],
-            "vae": Path(cfg.model.vae).name if cfg.model.vae else None,
+            "vae": files["model.vae"].name if "model.vae" in files else None,
             "content": Path(args.content).name,
             "style": Path(args.style).name,
             "version": __version__,

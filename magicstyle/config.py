@@ -1,10 +1,15 @@
 """The run configuration: ``configs/magicstyle.yaml`` merged with a user's YAML and ``key=value`` overrides.
 
 The defaults file fixes the schema: OmegaConf struct mode turns an unknown key into an error, and ``validate`` checks
-every value, so that a bad option fails before any model is loaded.
+every value, so that a bad option fails before any model is loaded.  The defaults ship inside the package (the
+``configs`` package's data, read with ``importlib.resources``), so an installed copy behaves like the checkout.
+
+Relative file paths (``PATH_KEYS``) in a YAML file are relative to that file's folder; given on the command line or in
+``overrides``, to the current folder.  ``hf:`` references (``magicstyle/hub.py``) are left as they are.
 """
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -15,8 +20,11 @@ from omegaconf.errors import OmegaConfBaseException
 from attention import RECIPES
 from models.errors import MagicStyleError
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULTS = ROOT / "configs" / "magicstyle.yaml"
+from .hub import HubError, is_hub_ref, parse_ref
+
+DEFAULTS = ("configs", "magicstyle.yaml")  # (package, resource): the defaults, which fix the schema
+PATH_KEYS = ("model.weights", "model.vae", "model.hparams", "model.local_dir")  # keys that hold file or folder paths
+NO_FILE = ("", "none", "null", "auto")  # not paths (model.vae: none -> the checkpoint's own VAE)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config name -> dtype
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -32,8 +40,7 @@ def load_config(
     dotlist: Iterable[str] = (),
 ) -> DictConfig:
     """Defaults, then the YAML file at ``path``, then ``overrides`` (a nested mapping), then ``key=value`` strings."""
-    cfg = OmegaConf.load(DEFAULTS)
-    OmegaConf.set_struct(cfg, True)
+    cfg = default_config()
     layers = [] if path is None else [_load_yaml(Path(path))]
     if overrides:
         layers.append(OmegaConf.create(dict(overrides)))
@@ -48,7 +55,17 @@ def load_config(
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:
             raise ConfigError(f"configuration: {_first_line(e)} (see configs/magicstyle.yaml for the keys)") from None
+    if isinstance(cfg.model.vae, str) and cfg.model.vae.strip().lower() in NO_FILE[:-1]:
+        cfg.model.vae = None
     validate(cfg)
+    return cfg
+
+
+def default_config() -> DictConfig:
+    """``configs/magicstyle.yaml`` as shipped in the package, in struct mode (unknown keys are errors)."""
+    package, name = DEFAULTS
+    cfg = OmegaConf.create(resources.files(package).joinpath(name).read_text(encoding="utf-8"))
+    OmegaConf.set_struct(cfg, True)
     return cfg
 
 
@@ -61,6 +78,11 @@ def _load_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"config file {path} is not valid YAML ({_first_line(e)})") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping of keys, like configs/magicstyle.yaml")
+    for key in PATH_KEYS:  # relative to the file that names them, not to the current folder
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and value.strip().lower() not in NO_FILE and not is_hub_ref(value):
+            if not Path(value).expanduser().is_absolute():
+                OmegaConf.update(cfg, key, str(path.resolve().parent / value))
     return cfg
 
 
@@ -129,7 +151,17 @@ def validate(cfg: DictConfig) -> None:
         ts == "all" or (isinstance(ts, ListConfig) and all(isinstance(i, int) and 0 <= i < steps for i in ts)),
         f"ffa.timesteps must be 'all' or a list of step indices in [0, {steps}), not {ts!r}",
     )
-    check(isinstance(cfg.model.weights, str) and cfg.model.weights != "", "model.weights must be a file path")
+    check(isinstance(cfg.model.weights, str) and cfg.model.weights != "",
+          "model.weights must be a file path or a Hub reference hf:OWNER/REPO/FILE.safetensors")
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        check(value is None or isinstance(value, str), f"{key} must be a path or null, not {value!r}")
+        if is_hub_ref(value):
+            check(key in ("model.weights", "model.vae"), f"{key} must be a local path, not a Hub reference")
+            try:
+                parse_ref(value)
+            except HubError as e:
+                raise ConfigError(f"{key}: {e}") from None
     diagnostics_region(cfg)
 
 

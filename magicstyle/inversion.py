@@ -11,6 +11,7 @@ import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -21,7 +22,8 @@ from models import SD15, UNet, set_recipe
 from sampling import cfg_eps_fn, ddim_invert, ddim_timesteps
 
 from .config import DTYPES, ConfigError
-from .model import encode_text, weights_path
+from .hub import file_name, is_hub_ref, model_refs, parse_ref
+from .model import encode_text
 from .progress import Progress
 
 
@@ -123,13 +125,19 @@ def inversion_key(cfg: DictConfig) -> str:
         values[key] = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
     if cfg.inversion.sample_posterior:
         values["seed"] = cfg.seed
-    for key in ("model.weights", "model.vae", "model.hparams"):
-        name = OmegaConf.select(cfg, key)
-        if name:
-            path = weights_path(name)
-            values[key] = [path.name, path.stat().st_size if path.is_file() else None]
+    for key, ref in {**model_refs(cfg), "model.hparams": cfg.model.hparams}.items():
+        if ref:
+            values[key] = _file_identity(ref)
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _file_identity(ref: str) -> list:
+    """[name, size] of a local file; [name, revision] of an ``hf:`` reference (which is not fetched for this)."""
+    if is_hub_ref(ref):
+        return [file_name(ref), parse_ref(ref).revision]
+    path = Path(ref).expanduser()
+    return [path.name, path.stat().st_size if path.is_file() else None]
 
 
 @torch.no_grad()

@@ -11,7 +11,8 @@ from PIL import Image
 from models import SD15, load_sd15
 from models.conv import cpu_has_bf16, set_prepack
 
-from .config import DTYPES, ROOT, ConfigError
+from .config import DTYPES, ConfigError
+from .hub import fetch_all
 from .images import open_rgb, square, to_rgb, to_tensor
 
 LATENT_SCALE = 0.18215  # SD1.x: latents are scaled to unit variance before diffusion
@@ -41,21 +42,18 @@ def resolve_dtypes(name: str, vae_name: str, device: torch.device) -> tuple[torc
     return dtype, DTYPES[vae_name]
 
 
-def weights_path(value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() or path.exists() else ROOT / path
-
-
 def load_model(cfg: DictConfig) -> SD15:
+    """The SD1.5 of ``cfg.model``: weights and VAE are paths or ``hf:`` references (fetched if not cached)."""
     device = resolve_device(cfg.model.device)
     dtype, vae_dtype = resolve_dtypes(cfg.model.dtype, cfg.model.vae_dtype, device)
+    files = fetch_all(cfg)
     sd = load_sd15(
-        weights_path(cfg.model.weights),
+        files["model.weights"],
         device=device,
         dtype=dtype,
         vae_dtype=vae_dtype,
-        vae=weights_path(cfg.model.vae) if cfg.model.vae else None,
-        hparams=weights_path(cfg.model.hparams) if cfg.model.hparams else None,
+        vae=files.get("model.vae"),
+        hparams=Path(cfg.model.hparams).expanduser() if cfg.model.hparams else None,
     )
     for model in (sd.unet, sd.vae):
         set_prepack(model, cfg.model.prepack)

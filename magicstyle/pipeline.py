@@ -32,14 +32,13 @@ from .images import to_image
 from .inversion import CountedUNet, Inversion, csdi, ffa_timesteps, inversion_key, recipes, select_layers
 from .model import (
     LATENT_SCALE, decode_latents, encode_images, encode_text, load_image, load_model, resolve_device, resolve_dtypes,
-    weights_path,
 )
 from .progress import Progress
 
 __all__ = [
     "LATENT_SCALE", "CountedUNet", "Inversion", "csdi", "decode_latents", "encode_images", "encode_text",
     "ffa_timesteps", "fff", "inversion_key", "load_image", "load_model", "recipes", "resolve_device",
-    "resolve_dtypes", "select_layers", "stylize", "weights_path", "with_reference_rows",
+    "resolve_dtypes", "select_layers", "stylize", "with_reference_rows",
 ]
 
 

@@ -1,4 +1,7 @@
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,17 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TINY_WEIGHTS = FIXTURES / "sd15_tiny_random.safetensors"  # a tiny SD1.5 in the real single-file layout
 TINY_HPARAMS = FIXTURES / "sd15_tiny_random.hparams.json"
 sys.path.insert(0, str(ROOT))
+
+# No test touches the network or the user's Hugging Face cache: the Hub is offline and its cache is a fresh folder
+# (set before huggingface_hub is imported, which reads these once; tests/test_hub.py points them at a local server).
+HF_HOME = tempfile.mkdtemp(prefix="magicstyle-test-hf-")
+os.environ.update(HF_HOME=HF_HOME, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+for _name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_CACHE"):
+    os.environ.pop(_name, None)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(HF_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,6 +15,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,7 +31,7 @@ from conftest import ROOT
 from magicstyle.config import load_config
 
 STEPS = 2
-DEFAULT_WEIGHTS = ROOT / load_config().model.weights
+DEFAULT_WEIGHTS = Path("weights") / Path(load_config().model.weights.split("@")[0]).name  # what local_dir holds
 
 
 def cli(argv) -> int:
