@@ -29,9 +29,10 @@ import train_free_run
 from _tiny import ASTRONAUT, TINY_WEIGHTS, gradient, tree, write_config
 from conftest import ROOT
 from magicstyle.config import load_config
+from magicstyle.hub import file_name
 
 STEPS = 2
-DEFAULT_WEIGHTS = Path("weights") / Path(load_config().model.weights.split("@")[0]).name  # what local_dir holds
+DEFAULT_WEIGHTS = Path("weights") / file_name(load_config().model.weights)  # the default's local copy
 
 
 def cli(argv) -> int:

@@ -200,10 +200,15 @@ def test_hub_errors_are_one_line(ref, words, job, hub, home, no_model, tmp_path)
     assert not (tmp_path / "o.png").exists() and not [p for p in cached_files(home) if "blobs" in p.parts]
 
 
-def test_a_gated_repository_with_a_token(job, hub, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+@pytest.mark.parametrize("how", ["hf auth login", "HF_TOKEN"])
+def test_a_gated_repository_with_a_token(how, job, hub, home, monkeypatch):
+    if how == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    else:  # where `hf auth login` (formerly `huggingface-cli login`) keeps the token
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "token").write_text("hf_test_token")
     rc, out, err = cli(["--config", job[5], "--weights", f"hf:test-org/gated/{FILE}", "--download-only", "--quiet"])
-    assert rc == 0, err
+    assert rc == 0, err  # the server refuses the repository without the token
 
 
 def test_no_network_and_an_empty_cache(job, hub, home, no_model, fast_retries, tmp_path):
