@@ -55,7 +55,8 @@ def parse_ref(ref: str) -> HubFile:
         raise HubError(f"{ref} is a pickle file ({suffix}), which can run code when loaded and is never fetched; "
                        "use the repository's .safetensors file")
     if suffix != ".safetensors":
-        raise HubError(f"{ref}: only .safetensors files are fetched from the Hub, not {suffix or 'a file without suffix'}")
+        what = suffix or "a file without suffix"
+        raise HubError(f"{ref}: only .safetensors files are fetched from the Hub, not {what}")
     return hub
 
 
@@ -78,11 +79,11 @@ def resolve_model_file(ref: str | Path, *, local_dir: str | Path | None = "weigh
         local = Path(local_dir).expanduser() / Path(hub.path).name
         if local.is_file():
             return local
-    return download(hub, what=what)
+    return download(hub, what=what, local_dir=local_dir)
 
 
-def download(hub: HubFile, *, what: str = "weights") -> Path:
-    """``hf_hub_download`` with every failure turned into one ``HubError`` line."""
+def download(hub: HubFile, *, what: str = "weights", local_dir: str | Path | None = "weights") -> Path:
+    """``hf_hub_download`` with every failure turned into one ``HubError`` line (which names ``local_dir``)."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -94,7 +95,7 @@ def download(hub: HubFile, *, what: str = "weights") -> Path:
     )
 
     name = Path(hub.path).name
-    put_it = f"or put the file at weights/{name}"
+    put_it = f"or put the file at {Path(local_dir) / name}" if local_dir is not None else "or give a local path"
     try:
         return Path(hf_hub_download(hub.repo, hub.path, revision=hub.revision))
     except GatedRepoError:
@@ -112,7 +113,8 @@ def download(hub: HubFile, *, what: str = "weights") -> Path:
                            f"fetch it once with network access (`magicstyle --download-only`), {put_it} "
                            "(see weights/README.md)") from None
         raise HubError(f"cannot reach the Hub ({constants.ENDPOINT}) to download {what} {hub}, and it is not in the "
-                       f"cache ({cache}): check the network (proxy, HF_ENDPOINT), {put_it} (see weights/README.md)") from None
+                       f"cache ({cache}): check the network (proxy, HF_ENDPOINT), {put_it} "
+                       "(see weights/README.md)") from None
     except EntryNotFoundError:
         raise HubError(f"file {hub.path} not found in repository {hub.repo}"
                        f"{'@' + hub.revision if hub.revision else ''} ({what}): check the file name") from None

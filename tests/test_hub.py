@@ -98,7 +98,8 @@ def home(tmp_path):
 @pytest.fixture
 def hub(home):
     """The tiny checkpoint on a local Hub (also under a folder, and in a gated repository), online, empty cache."""
-    repos = {REPO: {FILE: TINY, "unet/model.safetensors": TINY, "model.ckpt": b"pickle"}, "test-org/gated": {FILE: TINY}}
+    repos = {REPO: {FILE: TINY, "unet/model.safetensors": TINY, "model.ckpt": b"pickle"},
+             "test-org/gated": {FILE: TINY}}
     with HubServer(repos, gated=["test-org/gated"], token="hf_test_token") as server:
         with hub_environment(HF_ENDPOINT=server.url, HF_HOME=home, HF_HUB_OFFLINE="0"):
             yield server
@@ -138,7 +139,8 @@ def test_vae_auto_pairs_realistic_vision_with_its_vae():
     cfg = load_config()
     assert model_refs(cfg) == {"model.weights": cfg.model.weights, "model.vae": VAE_FT_MSE}
     assert parse_ref(cfg.model.weights).path in PAIRED_VAE and parse_ref(VAE_FT_MSE).revision  # pinned
-    assert model_refs(load_config(None, {"model": {"weights": str(TINY_WEIGHTS)}})) == {"model.weights": str(TINY_WEIGHTS)}
+    tiny = str(TINY_WEIGHTS)
+    assert model_refs(load_config(None, {"model": {"weights": tiny}})) == {"model.weights": tiny}  # auto: its own
     assert load_config(None, {"model": {"vae": "none"}}).model.vae is None  # --vae none: the checkpoint's own VAE
 
 
