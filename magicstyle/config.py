@@ -23,7 +23,9 @@ from models.errors import MagicStyleError
 from .hub import HubError, is_hub_ref, parse_ref
 
 DEFAULTS = ("configs", "magicstyle.yaml")  # (package, resource): the defaults, which fix the schema
-PATH_KEYS = ("model.weights", "model.vae", "model.hparams", "model.local_dir")  # keys that hold file or folder paths
+PATH_KEYS = (  # keys that hold file or folder paths
+    "model.weights", "model.vae", "model.hparams", "model.local_dir", "face.detector",
+)
 NO_FILE = ("", "none", "null", "auto")  # not paths (model.vae: none -> the checkpoint's own VAE)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config name -> dtype
@@ -162,6 +164,11 @@ def validate(cfg: DictConfig) -> None:
                 parse_ref(value)
             except HubError as e:
                 raise ConfigError(f"{key}: {e}") from None
+    check(isinstance(cfg.face.refine, bool), "face.refine must be true or false")
+    check(0.0 < number("face.min_share") <= 1.0, "face.min_share must lie in (0, 1]")
+    check(number("face.margin") >= 0.0, "face.margin must not be negative")
+    check(0.0 <= number("face.feather") <= 0.5, "face.feather must lie in [0, 0.5]")
+    check(isinstance(cfg.face.detector, str) and cfg.face.detector != "", "face.detector must be a file path")
     diagnostics_region(cfg)
 
 

@@ -1,0 +1,62 @@
+"""Model files for faces and metrics: their entries in ``configs/eval.yaml`` and the one-line error when missing.
+
+An entry gives ``file`` (the expected path), ``source`` (where to get it) and ``sha256`` (or a prefix of it, or null).
+"""
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from models.errors import MagicStyleError
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_CONFIG = ROOT / "configs" / "eval.yaml"
+
+
+class FaceModelError(MagicStyleError):
+    """A model file for faces or metrics that is missing, has the wrong hash, or is not the expected model."""
+
+
+@lru_cache(maxsize=None)
+def _sha256(path: Path, mtime: float, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_entry(name: str, config: DictConfig | None = None) -> DictConfig:
+    """The ``models.<name>`` entry of ``config`` (default: ``configs/eval.yaml``)."""
+    cfg = config if config is not None else OmegaConf.load(EVAL_CONFIG)
+    return cfg.models[name]
+
+
+def resolve(value: str | Path) -> Path:
+    """A path from a config: as given if absolute or present, else relative to the repository."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or path.exists() else ROOT / path
+
+
+def require_file(path: str | Path | None, name: str, config: DictConfig | None = None) -> Path:
+    """The model file for entry ``name`` (``path`` or the entry's ``file``), checked: exists, and its SHA-256."""
+    entry = model_entry(name, config)
+    given = path if path is not None else entry.file
+    if given is None:
+        raise FaceModelError(f"no file is configured for the {name} model; set models.{name}.file "
+                             f"(get it from {entry.source})")
+    path = resolve(given)
+    if not path.is_file():
+        sha = f", SHA-256 {entry.sha256}" if entry.get("sha256") else ""
+        raise FaceModelError(f"{name} model file {path} not found; download {Path(str(given)).name} from "
+                             f"{entry.source}{sha} and put it there (configs/eval.yaml models.{name})")
+    expected = entry.get("sha256")
+    if expected:
+        stat = path.stat()
+        if not _sha256(path.resolve(), stat.st_mtime, stat.st_size).startswith(str(expected).lower()):
+            raise FaceModelError(f"{name} model file {path} has the wrong SHA-256 (expected {expected}...); "
+                                 f"download it again from {entry.source}")
+    return path

@@ -1,0 +1,190 @@
+"""``python evaluate.py RUN_DIR``: Table I (CLIP-I, DINO, FaceSim, FID) and the StyleID protocol for a run folder.
+
+Reads the run's ``index.json`` (format ``magicstyle-run/1``), embeds every output, content and style image once
+(cached per image in ``RUN_DIR/eval/cache``), and gives one row per setting of the run:
+
+    clip_content, clip_style   mean cosine of CLIP image embeddings, output vs content / output vs style
+    dino_content               mean cosine of DINO ViT-S/16 CLS embeddings, output vs content
+    facesim                    mean cosine of ArcFace embeddings of the largest face, content vs output, over the
+                               jobs where both faces are found; ``faces_missing`` counts the others (never scored)
+    fid_style, fid_content     FID of the setting's outputs against its style images / content images (each once)
+    lpips                      mean LPIPS (AlexNet) output vs content (StyleID's content fidelity)
+    fid_art, artfid            FID against the styles on ArtFID's Inception (FID's if none is given);
+                               ArtFID = (1 + LPIPS) (1 + FID_art)  (Wright and Ommer 2022, as StyleID reports it)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from faces.weights import EVAL_CONFIG
+from magicstyle.config import ConfigError, _dotlist, _first_line, _load_yaml
+from models.errors import MagicStyleError
+
+from . import features
+from .fid import fid
+
+FORMAT = "magicstyle-run/1"
+METRICS = ("clip", "dino", "face", "fid", "styleid")
+COLUMNS = ("setting", "n", "not_done", "clip_content", "clip_style", "dino_content", "facesim", "faces_missing",
+           "fid_style", "fid_content", "lpips", "fid_art", "artfid")
+
+
+class EvalError(MagicStyleError):
+    """A run folder that cannot be evaluated: no or a bad index.json, missing images."""
+
+
+def load_eval_config(path: str | Path | None = None, dotlist: list[str] = ()) -> DictConfig:
+    """``configs/eval.yaml``, then the YAML at ``path``, then ``key=value`` strings; unknown keys are errors."""
+    cfg = OmegaConf.load(EVAL_CONFIG)
+    OmegaConf.set_struct(cfg, True)
+    layers = ([] if path is None else [_load_yaml(Path(path))]) + ([_dotlist(list(dotlist))] if dotlist else [])
+    for layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"configuration: {_first_line(e)} (see configs/eval.yaml for the keys)") from None
+    metrics = cfg.metrics
+    if not isinstance(metrics, ListConfig) or not metrics or any(m not in METRICS for m in metrics):
+        raise ConfigError(f"metrics must be a non-empty list of {', '.join(METRICS)}, not {metrics!r}")
+    if cfg.content_axis not in ("clip", "face"):
+        raise ConfigError(f"content_axis must be clip or face, not {cfg.content_axis!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, not {cfg.device!r}")
+    return cfg
+
+
+def read_index(run_dir: Path) -> dict:
+    """The run's index.json, checked against the ``magicstyle-run/1`` layout."""
+    path = run_dir / "index.json"
+    if not path.is_file():
+        raise EvalError(f"{path} not found; give a run folder written by the magicstyle command (it holds index.json)")
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise EvalError(f"{path} is not a {FORMAT} index (format {index.get('format') if isinstance(index, dict) else None!r})")
+    for key, kind in (("settings", list), ("jobs", list)):
+        if not isinstance(index.get(key), kind):
+            raise EvalError(f"{path} has no {key} list")
+    for i, job in enumerate(index["jobs"]):
+        missing = [k for k in ("content", "style", "setting", "output", "status") if k not in job]
+        if missing or not 0 <= job["setting"] < len(index["settings"]):
+            raise EvalError(f"{path}: job {i} lacks {missing[0]!r}" if missing else f"{path}: job {i} has no setting")
+    return index
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b))  # both unit length
+
+
+def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[dict], dict]:
+    """Rows (one per setting, keys ``COLUMNS``) and the index.  Model files are checked before any work."""
+    run_dir = Path(run_dir)
+    index = read_index(run_dir)
+    metrics = list(cfg.metrics)
+    kinds = [k for k, m in (("clip", "clip"), ("dino", "dino"), ("face", "face"), ("inception", "fid"),
+                            ("artfid", "styleid"), ("lpips", "styleid")) if m in metrics]
+    for kind in kinds:
+        features.model_files(kind, cfg)  # a missing model file fails here, before anything is embedded
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+
+    jobs = [j for j in index["jobs"] if j["status"] == "done" and (run_dir / j["output"]).is_file()]
+    digest, files = {}, {}  # path -> digest, digest -> path
+    for job in jobs:
+        for key in ("content", "style", "output"):
+            path = run_dir / job[key] if key == "output" else Path(job[key])
+            if not path.is_file():
+                raise EvalError(f"{key} image {path} of the run is missing; evaluate needs every image of the run")
+            if str(path) not in digest:
+                digest[str(path)] = features.file_digest(path)
+                files[digest[str(path)]] = path
+    image = {(id(j), key): digest[str(run_dir / j[key] if key == "output" else Path(j[key]))]
+             for j in jobs for key in ("content", "style", "output")}
+    cache_dir = run_dir / "eval" / "cache"
+    feats = {kind: features.compute(kind, files, cfg, device, cache_dir, progress)
+             for kind in kinds if kind != "lpips"}
+    lpips = {}
+    if "lpips" in kinds:
+        pairs = {image[id(j), "output"] + image[id(j), "content"]: (files[image[id(j), "output"]],
+                                                                    files[image[id(j), "content"]]) for j in jobs}
+        lpips = features.compute_lpips(pairs, cfg, device, cache_dir, progress)
+
+    rows = []
+    for s, setting in enumerate(index["settings"]):
+        mine = [j for j in jobs if j["setting"] == s]
+        out = [image[id(j), "output"] for j in mine]
+        con = [image[id(j), "content"] for j in mine]
+        sty = [image[id(j), "style"] for j in mine]
+        row = dict.fromkeys(COLUMNS)
+        row.update(setting=setting.get("label", str(s)), n=len(mine),
+                   not_done=sum(1 for j in index["jobs"] if j["setting"] == s) - len(mine))
+        if "clip" in feats:
+            row["clip_content"] = _mean([_cos(feats["clip"][o], feats["clip"][c]) for o, c in zip(out, con)])
+            row["clip_style"] = _mean([_cos(feats["clip"][o], feats["clip"][t]) for o, t in zip(out, sty)])
+        if "dino" in feats:
+            row["dino_content"] = _mean([_cos(feats["dino"][o], feats["dino"][c]) for o, c in zip(out, con)])
+        if "face" in feats:
+            found = [(o, c) for o, c in zip(out, con)
+                     if np.isfinite(feats["face"][o]).all() and np.isfinite(feats["face"][c]).all()]
+            row["facesim"] = _mean([_cos(feats["face"][o], feats["face"][c]) for o, c in found])
+            row["faces_missing"] = len(mine) - len(found)
+        for kind, column, refs in (("inception", "fid_style", sty), ("inception", "fid_content", con),
+                                   ("artfid", "fid_art", sty)):
+            if kind in feats:
+                unique = list(dict.fromkeys(refs))  # each reference image once
+                row[column] = fid(np.stack([feats[kind][o] for o in out]) if out else np.zeros((0, 1)),
+                                  np.stack([feats[kind][r] for r in unique]) if unique else np.zeros((0, 1)))
+        if lpips:
+            row["lpips"] = _mean([lpips[o + c] for o, c in zip(out, con)])
+            if row["fid_art"] is not None and row["lpips"] is not None:
+                row["artfid"] = (1 + row["lpips"]) * (1 + row["fid_art"])
+        rows.append(row)
+    return rows, index
+
+
+def run_evaluation(run_dir: str | Path, *, config: str | None = None, dotlist: list[str] = (),
+                   out: str | Path | None = None, overwrite: bool = False, progress=None) -> dict[str, Path]:
+    """Evaluate a run folder and write ``metrics.md``, ``metrics.csv`` and ``scatter.png`` (default: RUN_DIR/eval).
+
+    Everything is checked (config, index, model files, outputs writable) before any image is embedded.
+    """
+    from magicstyle.output import check_writable, write_atomic
+
+    from .report import csv_text, markdown, scatter_png
+
+    cfg = load_eval_config(config, dotlist)
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EvalError(f"run folder {run_dir} does not exist")
+    out = Path(out) if out is not None else run_dir / "eval"
+    paths = {"markdown": out / "metrics.md", "csv": out / "metrics.csv", "plot": out / "scatter.png"}
+    for path in paths.values():
+        check_writable(path, overwrite=overwrite, what="evaluation output")
+    rows, index = evaluate(run_dir, cfg, progress)
+    shown = {"clip": ("clip_content", "clip_style"), "dino": ("dino_content",), "face": ("facesim", "faces_missing"),
+             "fid": ("fid_style", "fid_content"), "styleid": ("lpips", "fid_art", "artfid")}
+    columns = ["setting", "n", "not_done"] + [c for m in METRICS if m in cfg.metrics for c in shown[m]]
+    n = sorted({r["n"] for r in rows})
+    note = (f"Run {index.get('run', run_dir.name)}: N = {', '.join(map(str, n))} outputs per setting. FID on so few "
+            "images is biased upward (its bias falls with N); compare FIDs only at the same N."
+            if "fid" in cfg.metrics or "styleid" in cfg.metrics else f"Run {index.get('run', run_dir.name)}.")
+    write_atomic(paths["markdown"], markdown(rows, columns, note).encode(), overwrite=overwrite, what="evaluation output")
+    write_atomic(paths["csv"], csv_text(rows, columns).encode(), overwrite=overwrite, what="evaluation output")
+    plot = scatter_png(rows, index["settings"], cfg.content_axis) if "clip" in cfg.metrics else None
+    if plot is not None:
+        write_atomic(paths["plot"], plot, overwrite=overwrite, what="evaluation output")
+    else:
+        paths.pop("plot")
+    return paths

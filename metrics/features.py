@@ -1,0 +1,195 @@
+"""Per-image features for the metrics, each from one model, cached per image (by the SHA-256 of its file).
+
+    clip       open_clip image embedding, unit length                 CLIP-I = cosine
+    dino       DINO ViT-S/16 CLS token (timm), unit length              DINO   = cosine
+    face       ArcFace embedding of the largest SCRFD face, unit length, or NaN when no face is found
+    inception  FID Inception-v3 pool3 (2048)                            FID
+    artfid     the same on ArtFID's Inception weights (or FID's when none are given)
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from faces import SCRFD, ArcFace, norm_crop, require_file
+from magicstyle.images import open_rgb
+from magicstyle.output import write_atomic
+
+Embedder = Callable[[Image.Image], np.ndarray]  # image -> (D,) float32
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Vectors by image digest in one ``.npz`` (keys, values); rewritten atomically by ``save``."""
+
+    def __init__(self, path: Path):
+        self.path, self.items = path, {}
+        if path.is_file():
+            try:
+                with np.load(path) as data:
+                    self.items = dict(zip(data["keys"].tolist(), data["values"]))
+            except (OSError, ValueError, KeyError):
+                self.items = {}  # a damaged cache is rebuilt
+
+    def save(self) -> None:
+        if not self.items:
+            return
+        buffer = io.BytesIO()
+        keys = sorted(self.items)
+        np.savez(buffer, keys=np.array(keys), values=np.stack([self.items[k] for k in keys]).astype(np.float32))
+        write_atomic(self.path, buffer.getvalue(), overwrite=True, what="feature cache")
+
+
+def _to_unit(x: torch.Tensor) -> np.ndarray:
+    x = x.float()[0]
+    return (x / x.norm().clamp_min(1e-12)).cpu().numpy()
+
+
+def clip_embedder(entry: DictConfig, path: Path, device: torch.device) -> Embedder:
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(entry.name, pretrained=str(path), device=device)
+    model.eval()
+
+    @torch.no_grad()
+    def embed(img: Image.Image) -> np.ndarray:
+        return _to_unit(model.encode_image(preprocess(img)[None].to(device)))
+
+    return embed
+
+
+def dino_embedder(entry: DictConfig, path: Path, device: torch.device) -> Embedder:
+    import timm
+    from torchvision import transforms as T
+
+    model = timm.create_model(entry.name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
+    model.eval().to(device)
+    preprocess = T.Compose([  # the issue's (and DINO's evaluation) transform
+        T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+
+    @torch.no_grad()
+    def embed(img: Image.Image) -> np.ndarray:
+        return _to_unit(model(preprocess(img)[None].to(device)))  # (1, D): the CLS token after the final norm
+
+    return embed
+
+
+def face_embedder(detector_path: Path, arcface_path: Path) -> Embedder:
+    detect, identify = SCRFD(detector_path), ArcFace(arcface_path)
+
+    def embed(img: Image.Image) -> np.ndarray:
+        faces = detect(img)
+        if len(faces) == 0:
+            return np.full(512, np.nan, np.float32)  # not found: never scored
+        return identify(norm_crop(img, faces.points[0])[None])[0].astype(np.float32)
+
+    return embed
+
+
+def inception_embedder(path: Path, device: torch.device) -> Embedder:
+    from .fid import load_inception
+
+    model = load_inception(path).to(device)
+
+    @torch.no_grad()
+    def embed(img: Image.Image) -> np.ndarray:
+        x = torch.from_numpy(np.asarray(img, np.float32) / 255.0).permute(2, 0, 1)[None].to(device)
+        return model(x)[0].float().cpu().numpy()
+
+    return embed
+
+
+def model_files(kind: str, cfg: DictConfig) -> list[Path]:
+    """The checked model files of a feature kind (missing file: one-line ``FaceModelError``)."""
+    m = cfg.models
+    if kind == "clip":
+        return [require_file(None, "clip", cfg)]
+    if kind == "dino":
+        return [require_file(None, "dino", cfg)]
+    if kind == "face":
+        return [require_file(None, "scrfd", cfg), require_file(None, "arcface", cfg)]
+    if kind == "inception":
+        return [require_file(None, "fid_inception", cfg)]
+    if kind == "artfid":
+        return [require_file(None, "artfid_inception" if m.artfid_inception.file else "fid_inception", cfg)]
+    if kind == "lpips":
+        return [require_file(None, "lpips_alexnet", cfg), require_file(None, "lpips_linear", cfg)]
+    raise ValueError(kind)
+
+
+def embedder(kind: str, cfg: DictConfig, device: torch.device) -> Embedder:
+    files = model_files(kind, cfg)
+    if kind == "clip":
+        return clip_embedder(cfg.models.clip, files[0], device)
+    if kind == "dino":
+        return dino_embedder(cfg.models.dino, files[0], device)
+    if kind == "face":
+        return face_embedder(*files)
+    return inception_embedder(files[0], device)
+
+
+def cache_name(kind: str, cfg: DictConfig) -> str:
+    """One cache per feature kind and model (name and file), so that another model never reads stale vectors."""
+    files = "-".join(p.stem for p in model_files(kind, cfg))
+    name = cfg.models.get(kind, {}).get("name", "") if kind in ("clip", "dino") else ""
+    return f"{kind}-{name}-{files}.npz".replace("/", "_")
+
+
+def compute(kind: str, images: dict[str, Path], cfg: DictConfig, device: torch.device, cache_dir: Path,
+            progress=None) -> dict[str, np.ndarray]:
+    """Features of ``images`` (digest -> file) for ``kind``; only images missing from the cache are embedded."""
+    cache = FeatureCache(cache_dir / cache_name(kind, cfg))
+    todo = [d for d in images if d not in cache.items]
+    if todo:
+        embed = embedder(kind, cfg, device)
+        if progress:
+            progress.begin(kind, len(todo))
+        for i, digest in enumerate(todo):
+            cache.items[digest] = embed(open_rgb(images[digest]))
+            if progress:
+                progress.update(i + 1)
+        cache.save()
+    return {d: cache.items[d] for d in images}
+
+
+def compute_lpips(pairs: dict[str, tuple[Path, Path]], cfg: DictConfig, device: torch.device, cache_dir: Path,
+                  progress=None) -> dict[str, float]:
+    """LPIPS of (output, content) pairs, keyed ``output digest + content digest``.  The content is brought to the
+    output's size as the pipeline does (shorter side resized, centre crop)."""
+    from magicstyle.images import square, to_tensor
+
+    from .lpips import load_lpips
+
+    cache = FeatureCache(cache_dir / cache_name("lpips", cfg))
+    todo = [k for k in pairs if k not in cache.items]
+    if todo:
+        model = load_lpips(*model_files("lpips", cfg)).to(device)
+        if progress:
+            progress.begin("lpips", len(todo))
+        for i, key in enumerate(todo):
+            output = open_rgb(pairs[key][0])
+            content = square(open_rgb(pairs[key][1]), output.width) if output.width == output.height else \
+                open_rgb(pairs[key][1]).resize(output.size, Image.Resampling.LANCZOS)
+            with torch.no_grad():
+                d = model(to_tensor(output).to(device), to_tensor(content).to(device))
+            cache.items[key] = d.float().cpu().numpy()
+            if progress:
+                progress.update(i + 1)
+        cache.save()
+    return {k: float(cache.items[k][0]) for k in pairs}
