@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 "device": str(device),
                 "dtype": str(next(sd.unet.parameters()).dtype).removeprefix("torch."),
             }
+            if "face_refine" in stats:  # the small-face pass: whether it ran, and where (faces/refine.py)
+                data["face_refine"] = stats["face_refine"]
             if device.type == "cuda":
                 data["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
             write_atomic(report, json.dumps(data, indent=2).encode(), overwrite=args.overwrite, what="--report")

@@ -1,6 +1,6 @@
 """Evaluation of a run (``python evaluate.py RUN_DIR``): Table I's CLIP-I, DINO, FaceSim and FID, and StyleID's
 LPIPS / ArtFID, one row per setting of the run.  Needs the ``[eval]`` extra (timm, onnxruntime, scipy, ...)."""
-from .evaluate import EvalError, evaluate, load_eval_config, read_index, run_evaluation
+from .evaluation import EvalError, evaluate, load_eval_config, read_index, run_evaluation
 from .fid import FIDInception, fid, frechet_distance, gaussian, load_inception
 from .lpips import LPIPS, load_lpips
 

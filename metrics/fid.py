@@ -2,7 +2,7 @@
 
 ``frechet_distance`` follows pytorch-fid's ``calculate_frechet_distance``:
     d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))
-with ``scipy.linalg.sqrtm``; when the product is singular (non-finite root) eps = 1e-6 is added to both diagonals;
+with ``scipy.linalg.sqrtm``; when the product is singular (scipy warns, or the root is not finite) eps = 1e-6 is added to both diagonals;
 a complex root must have a negligible imaginary diagonal (|imag| < 1e-3), and its real part is used.
 
 The network is the TensorFlow FID Inception-v3 as pytorch-fid ports it (``pt_inception-2015-12-05-6726825d.pth``).
@@ -12,6 +12,7 @@ pool branch).  Input as pytorch-fid: RGB in [0, 1], bilinear resize to 299 (no a
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +33,24 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError("the two Gaussians have different dimensions")
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
-    if not np.isfinite(covmean).all():  # singular product: offset both diagonals
+    covmean, singular = _sqrtm(sigma1.dot(sigma2))
+    if singular or not np.isfinite(covmean).all():  # singular product: offset both diagonals
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        covmean, _ = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the square root")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _sqrtm(a: np.ndarray) -> tuple[np.ndarray, bool]:
+    """scipy's matrix square root, and whether scipy found the matrix singular (it warns, and since SciPy 1.16 no
+    longer returns an error estimate, pytorch-fid's ``disp=False`` test)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", linalg.LinAlgWarning)
+        root = linalg.sqrtm(a)
+    return root, any(issubclass(w.category, linalg.LinAlgWarning) for w in caught)
 
 
 def gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

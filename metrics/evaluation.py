@@ -93,8 +93,10 @@ def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[
     run_dir = Path(run_dir)
     index = read_index(run_dir)
     metrics = list(cfg.metrics)
-    kinds = [k for k, m in (("clip", "clip"), ("dino", "dino"), ("face", "face"), ("inception", "fid"),
-                            ("artfid", "styleid"), ("lpips", "styleid")) if m in metrics]
+    art = "artfid" if cfg.models.artfid_inception.file else "inception"  # no ArtFID weights: FID's features
+    kinds = list(dict.fromkeys(k for k, m in (("clip", "clip"), ("dino", "dino"), ("face", "face"),
+                                              ("inception", "fid"), (art, "styleid"), ("lpips", "styleid"))
+                               if m in metrics))
     for kind in kinds:
         features.model_files(kind, cfg)  # a missing model file fails here, before anything is embedded
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -140,8 +142,9 @@ def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[
                      if np.isfinite(feats["face"][o]).all() and np.isfinite(feats["face"][c]).all()]
             row["facesim"] = _mean([_cos(feats["face"][o], feats["face"][c]) for o, c in found])
             row["faces_missing"] = len(mine) - len(found)
-        for kind, column, refs in (("inception", "fid_style", sty), ("inception", "fid_content", con),
-                                   ("artfid", "fid_art", sty)):
+        for kind, column, refs in (("inception" if "fid" in metrics else None, "fid_style", sty),
+                                   ("inception" if "fid" in metrics else None, "fid_content", con),
+                                   (art, "fid_art", sty)):
             if kind in feats:
                 unique = list(dict.fromkeys(refs))  # each reference image once
                 row[column] = fid(np.stack([feats[kind][o] for o in out]) if out else np.zeros((0, 1)),

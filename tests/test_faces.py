@@ -1,0 +1,168 @@
+"""faces/: SCRFD decoding and NMS, alignment, the ONNX loading paths, and the small-face pass."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _eval_models import FACE_ANCHOR, KPS, arcface_onnx, scrfd_onnx
+from _tiny import ASTRONAUT
+from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS
+from faces import ARCFACE_TEMPLATE, SCRFD, ArcFace, FaceModelError, Faces, decode, nms, norm_crop, similarity_transform
+from faces.align import warp_affine
+from faces.refine import crop_square, feather_mask
+from faces.scrfd import anchor_centers
+from magicstyle import load_config, load_model, stylize
+
+STYLE = ROOT / "examples" / "ihc.png"
+
+
+def scrfd_outputs(faces: list[tuple[int, int, int, int, float, list[float]]]) -> list[np.ndarray]:
+    """Hand-made SCRFD outputs at 640: (stride, row, column, anchor, score, box distances l, t, r, b in strides)."""
+    scores, boxes, kps = [], [], []
+    for stride in (8, 16, 32):
+        k = (640 // stride) ** 2 * 2
+        scores.append(np.zeros((k, 1), np.float32))
+        boxes.append(np.ones((k, 4), np.float32))
+        kps.append(np.zeros((k, 10), np.float32))
+    for stride, row, col, anchor, score, dist in faces:
+        i, s = (row * 640 // stride + col) * 2 + anchor, (8, 16, 32).index(stride)
+        scores[s][i], boxes[s][i], kps[s][i] = score, dist, np.arange(10) / 10
+    return scores + boxes + kps
+
+
+def test_anchor_centers_are_row_major_and_repeated_per_anchor():
+    c = anchor_centers(2, 3, 8)
+    assert c.tolist() == [[0, 0], [0, 0], [8, 0], [8, 0], [16, 0], [16, 0], [0, 8], [0, 8], [8, 8], [8, 8],
+                          [16, 8], [16, 8]]
+
+
+def test_scrfd_decoding_and_nms():
+    faces = decode(scrfd_outputs([
+        (8, 10, 20, 1, 0.9, [2, 3, 4, 5]),      # centre (160, 80): box (144, 56, 192, 120)
+        (8, 10, 21, 0, 0.8, [2, 3, 4, 5]),      # the same face one cell on: IoU > 0.4, suppressed
+        (32, 5, 5, 0, 0.7, [3, 3, 3, 3]),       # centre (160, 160): a larger face (192 px)
+        (16, 30, 30, 0, 0.4, [1, 1, 1, 1]),     # below the score threshold
+    ]))
+    assert isinstance(faces, Faces) and len(faces) == 2
+    np.testing.assert_allclose(faces.boxes, [[64, 64, 256, 256], [144, 56, 192, 120]])  # largest first
+    np.testing.assert_allclose(faces.scores, [0.7, 0.9])
+    np.testing.assert_allclose(faces.points[1], 8 * np.arange(10).reshape(5, 2) / 10 + [160, 80], rtol=1e-6)
+
+
+def test_nms_keeps_the_best_of_overlapping_boxes():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 4]], np.float32)
+    assert nms(boxes, np.array([0.5, 0.9, 0.8, 0.7])) == [1, 2, 3]  # box 3 overlaps box 1 by 5*11/(121+55-55)<0.4
+
+
+def test_similarity_transform_recovers_a_known_similarity():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 200, (5, 2))
+    s, theta, t = 0.7, 0.4, np.array([12.0, -30.0])
+    R = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    dst = src @ (s * R).T + t
+    M = similarity_transform(src, dst)
+    np.testing.assert_allclose(M, np.hstack([s * R, t[:, None]]), atol=1e-10)
+    mirrored = similarity_transform(src, src * [-1, 1])  # no reflection: a rotation even for mirrored points
+    assert np.linalg.det(mirrored[:, :2]) > 0
+    assert ARCFACE_TEMPLATE.shape == (5, 2)
+
+
+def test_warp_and_norm_crop():
+    img = np.random.default_rng(1).integers(0, 255, (40, 50, 3)).astype(np.uint8)
+    shifted = warp_affine(img, np.array([[1.0, 0, -3], [0, 1, -2]]), (20, 10))  # out[y, x] = img[y + 2, x + 3]
+    np.testing.assert_array_equal(shifted, img[2:12, 3:23])
+    points = ARCFACE_TEMPLATE * 2 + [10, 20]  # a face twice the template's size
+    big = Image.fromarray(np.random.default_rng(2).integers(0, 255, (300, 300, 3)).astype(np.uint8))
+    crop = norm_crop(big, points)
+    assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
+
+
+def test_scrfd_and_arcface_onnx_loading(tmp_path):
+    detect = SCRFD(scrfd_onnx(tmp_path / "det_10g.onnx"))
+    img = Image.new("RGB", (320, 200), (128, 128, 128))  # letterboxed at scale 2
+    faces = detect(img)
+    stride, row, col, _ = FACE_ANCHOR
+    cx, cy = col * stride / 2, row * stride / 2
+    np.testing.assert_allclose(faces.boxes, [[cx - 8, cy - 8, cx + 8, cy + 8]], atol=1e-4)
+    np.testing.assert_allclose(faces.points[0], np.array(KPS).reshape(5, 2) * 8 + [cx, cy], atol=1e-4)
+    assert len(detect(Image.new("RGB", (64, 64)))) == 0  # black: no face
+    arcface = ArcFace(arcface_onnx(tmp_path / "w600k_r50.onnx"))
+    e = arcface(np.stack([norm_crop(img, faces.points[0])] * 3))
+    assert e.shape == (3, 512)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, rtol=1e-5)
+
+
+def test_missing_or_wrong_face_models(tmp_path):
+    with pytest.raises(FaceModelError, match="buffalo_l.zip") as e:
+        SCRFD(tmp_path / "det_10g.onnx")
+    assert "\n" not in str(e.value)
+    with pytest.raises(FaceModelError, match="not take"):
+        ArcFace(scrfd_onnx(tmp_path / "det_10g.onnx"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The small-face pass
+
+
+def test_crop_square_and_mask():
+    assert crop_square(np.array([10, 10, 20, 30]), 0.5, 100) == (0.0, 0.0, 40.0)  # moved inside the image
+    assert crop_square(np.array([40, 40, 50, 50]), 0.5, 100) == (35.0, 35.0, 20.0)
+    m = feather_mask(20, 0.25)
+    assert m.max() == 1.0 and m[0, 0] < 0.2 and m[10, 10] == 1.0
+
+
+TINY = {"size": 64, "steps": 2, "model": {"weights": str(TINY_WEIGHTS), "hparams": str(TINY_HPARAMS),
+                                          "dtype": "float32", "device": "cpu"}}
+
+
+def stub_detector(box):
+    def detect(img: Image.Image) -> Faces:
+        return Faces(np.array([box], np.float32), np.array([0.9], np.float32), np.zeros((1, 5, 2), np.float32))
+    return detect
+
+
+def test_small_face_pass_changes_only_the_pasted_square(monkeypatch):
+    import faces.refine
+
+    sd = load_model(load_config(None, TINY))
+    plain = np.asarray(stylize(ASTRONAUT, STYLE, TINY, sd=sd))
+    side = min(Image.open(ASTRONAUT).size)
+    monkeypatch.setattr(faces.refine, "load_detector", lambda cfg: stub_detector([0.4 * side, 0.3 * side,
+                                                                                  0.55 * side, 0.45 * side]))
+    stats: dict = {}
+    refined = np.asarray(stylize(ASTRONAUT, STYLE, {**TINY, "face": {"refine": True}}, sd=sd, stats=stats))
+    info = stats["face_refine"]
+    assert info["ran"] and 0 < info["face_share"] < 0.1
+    x0, y0, x1, y1 = info["box"]
+    assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64 and x1 - x0 == y1 - y0
+    inside = np.zeros(plain.shape[:2], bool)
+    inside[y0:y1, x0:x1] = True
+    np.testing.assert_array_equal(refined[~inside], plain[~inside])  # the rest: bit for bit the plain run
+    assert np.abs(refined[inside].astype(int) - plain[inside]).mean() > 1.0
+
+    monkeypatch.setattr(faces.refine, "load_detector", lambda cfg: stub_detector([0, 0, 0.8 * side, 0.8 * side]))
+    stats = {}
+    large = np.asarray(stylize(ASTRONAUT, STYLE, {**TINY, "face": {"refine": True}}, sd=sd, stats=stats))
+    assert not stats["face_refine"]["ran"] and "covers" in stats["face_refine"]["reason"]
+    np.testing.assert_array_equal(large, plain)
+
+
+def test_small_face_pass_without_detector_fails_before_the_model_loads(tmp_path):
+    cfg = {**TINY, "model": {**TINY["model"], "weights": str(tmp_path / "absent.safetensors")},
+           "face": {"refine": True, "detector": str(tmp_path / "det_10g.onnx")}}
+    with pytest.raises(FaceModelError, match="scrfd model file"):
+        stylize(ASTRONAUT, STYLE, cfg)
+
+
+def test_cli_small_face_pass_without_detector(tmp_path, capsys):
+    import train_free_run
+    from _tiny import write_config
+
+    config = write_config(tmp_path / "run.yaml", extra=f"face:\n  refine: true\n  detector: {tmp_path}/det.onnx\n")
+    output = tmp_path / "out.png"
+    code = train_free_run.main(["--content", str(ASTRONAUT), "--style", str(STYLE), "--config", str(config),
+                                "--output", str(output), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "buffalo_l" in err and not output.exists()

@@ -1,0 +1,195 @@
+"""metrics/ and evaluate.py: FID closed forms, the model loading paths in their real formats, a whole evaluation."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate as evaluate_cli
+from _eval_models import eval_models, inception_state_dict, lpips_files, open_clip_model, timm_vit
+from metrics import FIDInception, fid, frechet_distance, gaussian, load_inception, load_lpips, run_evaluation
+from metrics import features as features_module
+from metrics.report import sweep_lines
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FID
+
+
+def test_frechet_distance_is_zero_for_identical_gaussians():
+    x = np.random.default_rng(0).normal(size=(50, 6))
+    mu, sigma = gaussian(x)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_frechet_distance_closed_forms():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, -1.0, 2.0])
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 0.25])
+    # diagonal covariances: ||mu1 - mu2||^2 + sum (sqrt(a) - sqrt(b))^2
+    want = 5.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-9)
+    # the same covariances seen in a rotated basis (Tr is invariant): (S1 S2)^(1/2) is not diagonal there
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))
+    got = frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T)
+    assert got == pytest.approx(want, rel=1e-7)
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2
+    assert frechet_distance(np.array([3.0]), np.array([[4.0]]), np.array([1.0]), np.array([[1.0]])) == pytest.approx(5.0)
+
+
+def test_frechet_distance_is_symmetric():
+    rng = np.random.default_rng(2)
+    g1, g2 = gaussian(rng.normal(size=(40, 5))), gaussian(rng.normal(size=(40, 5)) * 2 + 1)
+    assert frechet_distance(*g1, *g2) == pytest.approx(frechet_distance(*g2, *g1), rel=1e-6)
+
+
+def test_frechet_distance_with_singular_covariances():
+    # rank-deficient covariances whose product is 0: the eps offset applies; closed form 1 + 1 - 0 = 2
+    d = frechet_distance(np.zeros(2), np.diag([1.0, 0.0]), np.zeros(2), np.diag([0.0, 1.0]))
+    assert np.isfinite(d) and d == pytest.approx(2.0, abs=1e-2)
+    # fewer images than dimensions (the usual case for a few hundred images in 2048 dimensions)
+    rng = np.random.default_rng(3)
+    value = fid(rng.normal(size=(5, 20)), rng.normal(size=(6, 20)) + 1)
+    assert np.isfinite(value) and value > 0
+    assert fid(rng.normal(size=(1, 20)), rng.normal(size=(6, 20))) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading paths, in the real formats
+
+
+def test_fid_inception_state_dict_has_the_real_keys(tmp_path):
+    keys = FIDInception().state_dict()
+    for key in ("Conv2d_1a_3x3.conv.weight", "Conv2d_1a_3x3.bn.running_var", "Mixed_5b.branch_pool.conv.weight",
+                "Mixed_6e.branch7x7dbl_5.bn.bias", "Mixed_7c.branch3x3dbl_3b.conv.weight", "fc.weight"):
+        assert key in keys
+    assert keys["fc.weight"].shape == (1008, 2048) and not any(k.startswith("AuxLogits") for k in keys)
+    model = load_inception(inception_state_dict(tmp_path / "pt_inception-2015-12-05-6726825d.pth"))
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 64, 80)).shape == (2, 2048)
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(Exception, match="not an FID Inception"):
+        load_inception(tmp_path / "other.pth")
+
+
+def test_lpips_loading_and_identity(tmp_path):
+    model = load_lpips(*lpips_files(tmp_path))
+    x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert model(x, x).abs().max() < 1e-6
+        d = model(x, y)
+    assert d.shape == (2,) and (d > 0).all()
+
+
+def test_open_clip_and_timm_load_by_name(tmp_path):
+    from omegaconf import OmegaConf
+
+    name, clip_file = open_clip_model(tmp_path)
+    embed = features_module.clip_embedder(OmegaConf.create({"name": name}), clip_file, torch.device("cpu"))
+    e = embed(Image.new("RGB", (70, 50), (200, 10, 10)))
+    assert e.shape == (32,) and np.linalg.norm(e) == pytest.approx(1, rel=1e-5)
+    dino = features_module.dino_embedder(OmegaConf.create({"name": "vit_tiny_patch16_224"}),
+                                         timm_vit(tmp_path / "model.safetensors"), torch.device("cpu"))
+    assert dino(Image.new("RGB", (300, 260))).shape == (192,)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A whole evaluation
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return eval_models(tmp_path_factory.mktemp("eval_models"))
+
+
+def image(path, seed: int, dark: bool = False):
+    a = np.random.default_rng(seed).integers(60, 200, (64, 64, 3)).astype(np.uint8)
+    Image.fromarray(a * 0 if dark else a).save(path)
+    return str(path)
+
+
+def make_run(folder):
+    folder.mkdir()
+    inputs = folder.parent / f"{folder.name}_inputs"
+    inputs.mkdir()
+    contents = [image(inputs / "c0.png", 0), image(inputs / "c1.png", 1)]
+    styles = [image(inputs / "s0.png", 2), image(inputs / "s1.png", 3)]
+    settings = [{"label": f"ffa.beta={b}", "overrides": {"ffa.beta": b, "ffa.alpha": 1 - b}} for b in (0.2, 0.4)]
+    settings.append({"label": "ffa.recipe=plain", "overrides": {"ffa.recipe": "plain"}})
+    jobs = []
+    for s in range(3):
+        for c, content in enumerate(contents):
+            for t, style in enumerate(styles):
+                output = f"s{s}_c{c}_s{t}.png"
+                image(folder / output, 10 * s + 2 * c + t, dark=(s == 2 and c == 0))  # no face in these outputs
+                jobs.append({"content": content, "style": style, "setting": s, "label": settings[s]["label"],
+                             "overrides": settings[s]["overrides"], "output": output, "status": "done",
+                             "error": None, "seconds": 1.0})
+    jobs.append({**jobs[0], "output": "failed.png", "status": "failed", "error": "boom"})
+    (folder / "index.json").write_text(json.dumps({"format": "magicstyle-run/1", "run": folder.name,
+                                                   "settings": settings, "jobs": jobs}))
+    return folder
+
+
+def test_evaluate_writes_table_csv_and_plot(tmp_path, models, monkeypatch):
+    import metrics.evaluation
+
+    # scipy's sqrtm of a 2048 x 2048 matrix takes many seconds: here FID sees the first 16 features (the closed
+    # forms above test the arithmetic; this test, which features go into which FID)
+    monkeypatch.setattr(metrics.evaluation, "fid", lambda a, b: fid(a[:, :16], b[:, :16]))
+    run = make_run(tmp_path / "run")
+    paths = run_evaluation(run, dotlist=models)
+    assert set(paths) == {"markdown", "csv", "plot"}
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert [r["setting"] for r in rows] == ["ffa.beta=0.2", "ffa.beta=0.4", "ffa.recipe=plain"]
+    assert [r["n"] for r in rows] == ["4", "4", "4"] and rows[0]["not_done"] == "1"
+    for r in rows:
+        for column in ("clip_content", "clip_style", "dino_content", "fid_style", "fid_content", "lpips", "artfid"):
+            assert np.isfinite(float(r[column])), column
+    assert rows[0]["faces_missing"] == "0" and rows[2]["faces_missing"] == "2"  # dark outputs: never scored
+    assert -1 <= float(rows[2]["facesim"]) <= 1
+    table = paths["markdown"].read_text()
+    assert "| ffa.recipe=plain |" in table and "CLIP-I style" in table and "N = 4" in table
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A second evaluation of a grown run embeds only the new image, and replaces the tables only with overwrite.
+    with pytest.raises(Exception, match="exists"):
+        run_evaluation(run, dotlist=models)
+    index = json.loads((run / "index.json").read_text())
+    index["jobs"][-1].update(status="done", output="grown.png")
+    image(run / "grown.png", 99)
+    (run / "index.json").write_text(json.dumps(index))
+    embedded = []
+    real = features_module.embedder
+    monkeypatch.setattr(features_module, "embedder", lambda kind, cfg, device: (
+        lambda img: (embedded.append(kind), real(kind, cfg, device)(img))[1]))
+    run_evaluation(run, dotlist=models, overwrite=True)
+    assert sorted(embedded) == ["clip", "dino", "face", "inception"]
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert rows[0]["n"] == "5" and rows[0]["not_done"] == "0"
+
+
+def test_sweep_lines_join_settings_that_differ_in_beta_only():
+    settings = [{"overrides": {"ffa.beta": 0.4, "ffa.alpha": 0.6}}, {"overrides": {"ffa.recipe": "plain"}},
+                {"overrides": {"ffa.beta": 0.2, "ffa.alpha": 0.8}}, {"overrides": {"ffa.beta": 0.2, "steps": 10}}]
+    assert sweep_lines(settings) == [[2, 0]]
+
+
+def test_evaluate_cli_errors(tmp_path, models, capsys):
+    run = make_run(tmp_path / "run")
+    before = sorted(p.name for p in run.iterdir())
+    missing = [o for o in models if not o.startswith("models.dino.file=")] + [f"models.dino.file={tmp_path}/x.pth"]
+    assert evaluate_cli.main([str(run), "--quiet", *missing]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dino model file" in err and "dino_deitsmall16_pretrain" not in err.split("from")[0]
+    assert "https://" in err or "hub repo" in err
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing written
+    assert evaluate_cli.main([str(tmp_path / "nowhere"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert evaluate_cli.main([str(run), "--metrics", "clip,colour", "--quiet"]) == 2
+    assert "metrics must be" in capsys.readouterr().err
+    (run / "index.json").write_text("{")
+    assert evaluate_cli.main([str(run), "--quiet", *models]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
