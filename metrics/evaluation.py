@@ -69,7 +69,8 @@ def read_index(run_dir: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EvalError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise EvalError(f"{path} is not a {FORMAT} index (format {index.get('format') if isinstance(index, dict) else None!r})")
+        found = index.get("format") if isinstance(index, dict) else None
+        raise EvalError(f"{path} is not a {FORMAT} index (format {found!r})")
     for key, kind in (("settings", list), ("jobs", list)):
         if not isinstance(index.get(key), kind):
             raise EvalError(f"{path} has no {key} list")
@@ -183,8 +184,8 @@ def run_evaluation(run_dir: str | Path, *, config: str | None = None, dotlist: l
     note = (f"Run {index.get('run', run_dir.name)}: N = {', '.join(map(str, n))} outputs per setting. FID on so few "
             "images is biased upward (its bias falls with N); compare FIDs only at the same N."
             if "fid" in cfg.metrics or "styleid" in cfg.metrics else f"Run {index.get('run', run_dir.name)}.")
-    write_atomic(paths["markdown"], markdown(rows, columns, note).encode(), overwrite=overwrite, what="evaluation output")
-    write_atomic(paths["csv"], csv_text(rows, columns).encode(), overwrite=overwrite, what="evaluation output")
+    for key, text in (("markdown", markdown(rows, columns, note)), ("csv", csv_text(rows, columns))):
+        write_atomic(paths[key], text.encode(), overwrite=overwrite, what="evaluation output")
     plot = scatter_png(rows, index["settings"], cfg.content_axis) if "clip" in cfg.metrics else None
     if plot is not None:
         write_atomic(paths["plot"], plot, overwrite=overwrite, what="evaluation output")

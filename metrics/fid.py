@@ -2,8 +2,8 @@
 
 ``frechet_distance`` follows pytorch-fid's ``calculate_frechet_distance``:
     d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))
-with ``scipy.linalg.sqrtm``; when the product is singular (scipy warns, or the root is not finite) eps = 1e-6 is added to both diagonals;
-a complex root must have a negligible imaginary diagonal (|imag| < 1e-3), and its real part is used.
+with ``scipy.linalg.sqrtm``; when the product is singular (scipy warns, or the root is not finite) eps = 1e-6 is added
+to both diagonals; a complex root must have a negligible imaginary diagonal (|imag| < 1e-3), and its real part is used.
 
 The network is the TensorFlow FID Inception-v3 as pytorch-fid ports it (``pt_inception-2015-12-05-6726825d.pth``).
 We build it from torchvision's ``Inception3`` modules, so the state dict keys are the real ones, with pytorch-fid's
@@ -112,7 +112,8 @@ class FIDInception(tv.Inception3):
 
     def __init__(self, num_classes: int = 1008):
         super().__init__(num_classes=num_classes, aux_logits=False, transform_input=False, init_weights=False)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = FIDInceptionA(192, 32), FIDInceptionA(256, 64), FIDInceptionA(288, 64)
+        self.Mixed_5b, self.Mixed_5c = FIDInceptionA(192, 32), FIDInceptionA(256, 64)
+        self.Mixed_5d = FIDInceptionA(288, 64)
         self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
         self.Mixed_6c, self.Mixed_6d = FIDInceptionC(768, channels_7x7=160), FIDInceptionC(768, channels_7x7=160)
         self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)

@@ -58,7 +58,7 @@ def load_lpips(alexnet_path: str | Path, linear_path: str | Path) -> LPIPS:
     try:
         model.features.load_state_dict(features)
     except RuntimeError:
-        raise FaceModelError(f"{alexnet_path} is not torchvision's AlexNet state dict (alexnet-owt-7be5be79.pth)") from None
+        raise FaceModelError(f"{alexnet_path} is not torchvision's AlexNet (alexnet-owt-7be5be79.pth)") from None
     if any(v is None for v in lins.values()):
         raise FaceModelError(f"{linear_path} is not LPIPS v0.1's alex.pth (keys lin0.model.1.weight ...)")
     try:

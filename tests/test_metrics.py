@@ -36,7 +36,8 @@ def test_frechet_distance_closed_forms():
     got = frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T)
     assert got == pytest.approx(want, rel=1e-7)
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2
-    assert frechet_distance(np.array([3.0]), np.array([[4.0]]), np.array([1.0]), np.array([[1.0]])) == pytest.approx(5.0)
+    one_d = frechet_distance(np.array([3.0]), np.array([[4.0]]), np.array([1.0]), np.array([[1.0]]))
+    assert one_d == pytest.approx(5.0)
 
 
 def test_frechet_distance_is_symmetric():
