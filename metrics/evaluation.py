@@ -27,7 +27,7 @@ from magicstyle.config import ConfigError, _dotlist, _first_line, _load_yaml
 from models.errors import MagicStyleError
 
 from . import features
-from .fid import fid
+from .fid import fid_between
 
 FORMAT = "magicstyle-run/1"
 METRICS = ("clip", "dino", "face", "fid", "styleid")
@@ -148,7 +148,7 @@ def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[
                                    (art, "fid_art", sty)):
             if kind in feats:
                 unique = list(dict.fromkeys(refs))  # each reference image once
-                row[column] = fid(np.stack([feats[kind][o] for o in out]) if out else np.zeros((0, 1)),
+                row[column] = fid_between(np.stack([feats[kind][o] for o in out]) if out else np.zeros((0, 1)),
                                   np.stack([feats[kind][r] for r in unique]) if unique else np.zeros((0, 1)))
         if lpips:
             row["lpips"] = _mean([lpips[o + c] for o, c in zip(out, con)])

@@ -59,7 +59,7 @@ def gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(0), np.cov(features, rowvar=False)
 
 
-def fid(a: np.ndarray, b: np.ndarray) -> float | None:
+def fid_between(a: np.ndarray, b: np.ndarray) -> float | None:
     """FID between two feature sets; None with fewer than 2 images on a side."""
     if len(a) < 2 or len(b) < 2:
         return None

@@ -11,7 +11,7 @@ from PIL import Image
 
 import evaluate as evaluate_cli
 from _eval_models import eval_models, inception_state_dict, lpips_files, open_clip_model, timm_vit
-from metrics import FIDInception, fid, frechet_distance, gaussian, load_inception, load_lpips, run_evaluation
+from metrics import FIDInception, fid_between, frechet_distance, gaussian, load_inception, load_lpips, run_evaluation
 from metrics import features as features_module
 from metrics.report import sweep_lines
 
@@ -52,9 +52,9 @@ def test_frechet_distance_with_singular_covariances():
     assert np.isfinite(d) and d == pytest.approx(2.0, abs=1e-2)
     # fewer images than dimensions (the usual case for a few hundred images in 2048 dimensions)
     rng = np.random.default_rng(3)
-    value = fid(rng.normal(size=(5, 20)), rng.normal(size=(6, 20)) + 1)
+    value = fid_between(rng.normal(size=(5, 20)), rng.normal(size=(6, 20)) + 1)
     assert np.isfinite(value) and value > 0
-    assert fid(rng.normal(size=(1, 20)), rng.normal(size=(6, 20))) is None
+    assert fid_between(rng.normal(size=(1, 20)), rng.normal(size=(6, 20))) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -82,6 +82,45 @@ def test_lpips_loading_and_identity(tmp_path):
         assert model(x, x).abs().max() < 1e-6
         d = model(x, y)
     assert d.shape == (2,) and (d > 0).all()
+
+
+def test_lpips_equals_the_lpips_package(tmp_path):
+    """Optional (runs where the ``lpips`` package is installed): same AlexNet, its own v0.1 weights, same numbers."""
+    lpips = pytest.importorskip("lpips")
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    ref = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False).eval()  # random AlexNet, no download
+    slices = [ref.net.slice1, ref.net.slice2, ref.net.slice3, ref.net.slice4, ref.net.slice5]
+    torch.save({f"features.{k}": v for s in slices for k, v in s.state_dict().items()}, tmp_path / "alexnet.pth")
+    ours = load_lpips(tmp_path / "alexnet.pth", Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth")
+    x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, y), ref(x, y).flatten(), rtol=1e-5, atol=1e-6)
+
+
+def test_fid_inception_equals_pytorch_fid(monkeypatch):
+    """Optional (runs where ``pytorch-fid`` is installed): its FID network, built without downloading, on our keys."""
+    pfi = pytest.importorskip("pytorch_fid.inception")
+    theirs = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    theirs.Mixed_5b, theirs.Mixed_5c = pfi.FIDInceptionA(192, pool_features=32), pfi.FIDInceptionA(256, pool_features=64)
+    theirs.Mixed_5d, theirs.Mixed_6b = pfi.FIDInceptionA(288, pool_features=64), pfi.FIDInceptionC(768, channels_7x7=128)
+    theirs.Mixed_6c, theirs.Mixed_6d = pfi.FIDInceptionC(768, channels_7x7=160), pfi.FIDInceptionC(768, channels_7x7=160)
+    theirs.Mixed_6e, theirs.Mixed_7b = pfi.FIDInceptionC(768, channels_7x7=192), pfi.FIDInceptionE_1(1280)
+    theirs.Mixed_7c = pfi.FIDInceptionE_2(2048)
+    torch.manual_seed(0)
+    for m in theirs.modules():  # weights that keep activations O(1), so that the comparison means something
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, 0, (2 / m.weight[0].numel()) ** 0.5)
+    ours = FIDInception()
+    ours.load_state_dict(theirs.state_dict())
+    monkeypatch.setattr(pfi, "fid_inception_v3", lambda: theirs)  # instead of its download of the weights
+    wrapper = pfi.InceptionV3([3], resize_input=True, normalize_input=True, use_fid_inception=True)
+    x = torch.rand(2, 3, 120, 100)
+    with torch.no_grad():
+        want = wrapper.eval()(x)[0].flatten(1)
+        torch.testing.assert_close(ours.eval()(x), want)
+    assert want.abs().mean() > 0.01
 
 
 def test_open_clip_and_timm_load_by_name(tmp_path):
@@ -139,7 +178,7 @@ def test_evaluate_writes_table_csv_and_plot(tmp_path, models, monkeypatch):
 
     # scipy's sqrtm of a 2048 x 2048 matrix takes many seconds: here FID sees the first 16 features (the closed
     # forms above test the arithmetic; this test, which features go into which FID)
-    monkeypatch.setattr(metrics.evaluation, "fid", lambda a, b: fid(a[:, :16], b[:, :16]))
+    monkeypatch.setattr(metrics.evaluation, "fid_between", lambda a, b: fid_between(a[:, :16], b[:, :16]))
     run = make_run(tmp_path / "run")
     paths = run_evaluation(run, dotlist=models)
     assert set(paths) == {"markdown", "csv", "plot"}
