@@ -41,9 +41,14 @@ def resolve(value: str | Path) -> Path:
     return path if path.is_absolute() or path.exists() else ROOT / path
 
 
-def require_file(path: str | Path | None, name: str, config: DictConfig | None = None) -> Path:
-    """The model file for entry ``name`` (``path`` or the entry's ``file``), checked: exists, and its SHA-256."""
+def require_file(path: str | Path | None, name: str, config: DictConfig | None = None, *,
+                 setting: str | None = None) -> Path:
+    """The model file for entry ``name`` (``path`` or the entry's ``file``), checked: exists, and its SHA-256.
+
+    ``setting``: the config key that gave ``path``, for the message (default ``models.<name>.file``).
+    """
     entry = model_entry(name, config)
+    setting = setting or f"models.{name}.file in configs/eval.yaml"
     given = path if path is not None else entry.file
     if given is None:
         raise FaceModelError(f"no file is configured for the {name} model; set models.{name}.file "
@@ -51,8 +56,8 @@ def require_file(path: str | Path | None, name: str, config: DictConfig | None =
     path = resolve(given)
     if not path.is_file():
         sha = f", SHA-256 {entry.sha256}" if entry.get("sha256") else ""
-        raise FaceModelError(f"{name} model file {path} not found; download {Path(str(given)).name} from "
-                             f"{entry.source}{sha} and put it there (configs/eval.yaml models.{name})")
+        raise FaceModelError(f"{name} model file {path} not found; get {entry.source}{sha}, and put it there or "
+                             f"set {setting}")
     expected = entry.get("sha256")
     if expected:
         stat = path.stat()

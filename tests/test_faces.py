@@ -165,4 +165,5 @@ def test_cli_small_face_pass_without_detector(tmp_path, capsys):
     code = train_free_run.main(["--content", str(ASTRONAUT), "--style", str(STYLE), "--config", str(config),
                                 "--output", str(output), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "buffalo_l" in err and not output.exists()
+    assert code == 2 and err.count("\n") == 1 and "buffalo_l" in err and "face.detector" in err
+    assert not output.exists()
