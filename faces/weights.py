@@ -1,11 +1,14 @@
 """Model files for faces and metrics: their entries in ``configs/eval.yaml`` and the one-line error when missing.
 
-An entry gives ``file`` (the expected path), ``source`` (where to get it) and ``sha256`` (or a prefix of it, or null).
+An entry gives ``file`` (the expected path, or for ``.safetensors`` files a Hub reference ``hf:OWNER/REPO/FILE``,
+fetched by ``magicstyle.hub`` and found in ``EVAL_LOCAL_DIR`` first), ``source`` (where to get it) and ``sha256`` (or
+a prefix of it, or null).
 """
 from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -13,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from models.errors import MagicStyleError
 
 ROOT = Path(__file__).resolve().parents[1]
-EVAL_CONFIG = ROOT / "configs" / "eval.yaml"
+EVAL_CONFIG = ("configs", "eval.yaml")  # (package, resource), shipped as package data like configs/magicstyle.yaml
+EVAL_LOCAL_DIR = "weights/eval"  # hf: references: a file of the same name here is used without the Hub
 
 
 class FaceModelError(MagicStyleError):
@@ -31,8 +35,15 @@ def _sha256(path: Path, mtime: float, size: int) -> str:
 
 def model_entry(name: str, config: DictConfig | None = None) -> DictConfig:
     """The ``models.<name>`` entry of ``config`` (default: ``configs/eval.yaml``)."""
-    cfg = config if config is not None else OmegaConf.load(EVAL_CONFIG)
-    return cfg.models[name]
+    return (config if config is not None else eval_defaults()).models[name]
+
+
+def eval_defaults() -> DictConfig:
+    """``configs/eval.yaml`` as shipped in the package, in struct mode (unknown keys are errors)."""
+    package, name = EVAL_CONFIG
+    cfg = OmegaConf.create(resources.files(package).joinpath(name).read_text(encoding="utf-8"))
+    OmegaConf.set_struct(cfg, True)
+    return cfg
 
 
 def resolve(value: str | Path) -> Path:
@@ -53,6 +64,10 @@ def require_file(path: str | Path | None, name: str, config: DictConfig | None =
     if given is None:
         raise FaceModelError(f"no file is configured for the {name} model; set models.{name}.file "
                              f"(get it from {entry.source})")
+    if str(given).startswith("hf:"):
+        from magicstyle.hub import resolve_model_file  # here: magicstyle's pipeline imports faces
+
+        return resolve_model_file(str(given), local_dir=EVAL_LOCAL_DIR, what=f"{name} model")
     path = resolve(given)
     if not path.is_file():
         sha = f", SHA-256 {entry.sha256}" if entry.get("sha256") else ""

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from faces.weights import EVAL_CONFIG
+from faces.weights import eval_defaults
 from magicstyle.config import ConfigError, _dotlist, _first_line, _load_yaml
 from models.errors import MagicStyleError
 
@@ -41,9 +41,8 @@ class EvalError(MagicStyleError):
 
 def load_eval_config(path: str | Path | None = None, dotlist: list[str] = ()) -> DictConfig:
     """``configs/eval.yaml``, then the YAML at ``path``, then ``key=value`` strings; unknown keys are errors."""
-    cfg = OmegaConf.load(EVAL_CONFIG)
-    OmegaConf.set_struct(cfg, True)
-    layers = ([] if path is None else [_load_yaml(Path(path))]) + ([_dotlist(list(dotlist))] if dotlist else [])
+    cfg = eval_defaults()
+    layers = ([] if path is None else [_eval_yaml(Path(path))]) + ([_dotlist(list(dotlist))] if dotlist else [])
     for layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)
@@ -56,6 +55,16 @@ def load_eval_config(path: str | Path | None = None, dotlist: list[str] = ()) ->
         raise ConfigError(f"content_axis must be clip or face, not {cfg.content_axis!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, not {cfg.device!r}")
+    return cfg
+
+
+def _eval_yaml(path: Path) -> DictConfig:
+    """A user's eval YAML; its relative ``models.*.file`` paths are relative to its folder (as in run configs)."""
+    cfg = _load_yaml(path)
+    for entry in (cfg.get("models") or {}).values():
+        value = entry.get("file") if isinstance(entry, DictConfig) else None
+        if isinstance(value, str) and not value.startswith("hf:") and not Path(value).expanduser().is_absolute():
+            entry.file = str(path.resolve().parent / value)
     return cfg
 
 

@@ -232,3 +232,12 @@ def test_evaluate_cli_errors(tmp_path, models, capsys):
     (run / "index.json").write_text("{")
     assert evaluate_cli.main([str(run), "--quiet", *models]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_hub_reference_uses_the_local_copy_first(tmp_path, monkeypatch):
+    import faces.weights
+
+    monkeypatch.setattr(faces.weights, "EVAL_LOCAL_DIR", str(tmp_path))
+    (tmp_path / "open_clip_model.safetensors").write_bytes(b"x")
+    ref = "hf:timm/vit_large_patch14_clip_224.openai/open_clip_model.safetensors"
+    assert faces.weights.require_file(ref, "clip") == tmp_path / "open_clip_model.safetensors"
