@@ -103,11 +103,10 @@ def test_fid_inception_equals_pytorch_fid(monkeypatch):
     """Optional (runs where ``pytorch-fid`` is installed): its FID network, built without downloading, on our keys."""
     pfi = pytest.importorskip("pytorch_fid.inception")
     theirs = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    theirs.Mixed_5b, theirs.Mixed_5c = pfi.FIDInceptionA(192, pool_features=32), pfi.FIDInceptionA(256, pool_features=64)
-    theirs.Mixed_5d, theirs.Mixed_6b = pfi.FIDInceptionA(288, pool_features=64), pfi.FIDInceptionC(768, channels_7x7=128)
-    theirs.Mixed_6c, theirs.Mixed_6d = pfi.FIDInceptionC(768, channels_7x7=160), pfi.FIDInceptionC(768, channels_7x7=160)
-    theirs.Mixed_6e, theirs.Mixed_7b = pfi.FIDInceptionC(768, channels_7x7=192), pfi.FIDInceptionE_1(1280)
-    theirs.Mixed_7c = pfi.FIDInceptionE_2(2048)
+    A, C = pfi.FIDInceptionA, pfi.FIDInceptionC
+    theirs.Mixed_5b, theirs.Mixed_5c, theirs.Mixed_5d = A(192, 32), A(256, 64), A(288, 64)
+    theirs.Mixed_6b, theirs.Mixed_6c, theirs.Mixed_6d, theirs.Mixed_6e = C(768, 128), C(768, 160), C(768, 160), C(768, 192)
+    theirs.Mixed_7b, theirs.Mixed_7c = pfi.FIDInceptionE_1(1280), pfi.FIDInceptionE_2(2048)
     torch.manual_seed(0)
     for m in theirs.modules():  # weights that keep activations O(1), so that the comparison means something
         if isinstance(m, torch.nn.Conv2d):
