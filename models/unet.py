@@ -169,7 +169,7 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, c): (B, 4, h, w), (B,) integer timesteps, (B, 77, context_dim) -> predicted noise."""
+    """eps_theta(x_t, t, c): (B, 4, h, w), (B,) timesteps, (B, 77, context_dim) -> predicted noise (see ``forward``)."""
 
     def __init__(self, cfg: SD15Config):
         super().__init__()
@@ -215,10 +215,18 @@ class UNet(nn.Module):
             if path.endswith(".attn1"):
                 module.path = path
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        dtype = self.out[2].weight.dtype
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int, context: torch.Tensor) -> torch.Tensor:
+        """x (B, 4, h, w), t (B,) or one timestep for all rows, context (B, 77, D) -> eps (B, 4, h, w).
+
+        The inputs may be on any device and of any dtype (``t`` integer or float): they are moved to the UNet's device
+        and dtype here, and the result is on that device, in that dtype.
+        """
+        weight = self.out[2].weight
+        dtype, device = weight.dtype, weight.device
+        t = torch.as_tensor(t, device=device)
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))  # (B, 4*mc)
-        h, context = x.to(dtype), context.to(dtype)
+        h, context = x.to(device, dtype), context.to(device, dtype)
         if h.device.type == "cpu":
             h = h.contiguous(memory_format=torch.channels_last)  # (B, C, H, W) stored as (B, H, W, C)
         skips = []
