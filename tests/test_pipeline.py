@@ -41,6 +41,18 @@ def latents(sd):
     return encode_images(sd, torch.cat([content, style])), encode_images(sd, torch.cat([content, content]))
 
 
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Bit-identical on the CPU; on a GPU (``device: auto``) within float32 rounding."""
+    if a.device.type == "cpu":
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Feature Fusion Attention
 
@@ -125,23 +137,32 @@ def test_fff_with_alpha_1_reproduces_the_reconstruction(sd, latents):
 
     FFA then attends with the features CSDI recorded at each timestep, which the plain sampler recomputes from its own
     latent; the two latents coincide as far as the inversion is exact.  So the model is tamed (a random tiny UNet is
-    far from smooth) and the inversion refined; the gap must be small next to what the style does to the image.
+    far from smooth) and the inversion refined.  The gap (measured 0.0045) must be small next to the effects of the
+    attention alone (AdaIN of the start latents off): the features of the neighbouring timestep (the bug this guards,
+    0.022) and the features of another image (0.035).
     """
     unet_out = sd.unet.out[2]
     saved = unet_out.weight.clone(), unet_out.bias.clone()
     unet_out.weight.mul_(0.01), unet_out.bias.mul_(0.01)
     try:
         base = dict(steps=10, generation={"guidance": 1.0, "prompt": ""}, inversion={"refine": 8})
-        cfg = config(**base, ffa={"alpha": 1.0, "beta": 0.0, "layers": "all"})
-        z_same = fff(sd, csdi(sd, latents[1], cfg), cfg)
-        styled = config(**base, ffa={"alpha": 0.0, "beta": 1.0, "layers": "all"})
+        cfg = config(**base, ffa={"alpha": 1.0, "beta": 0.0, "layers": "all", "adain_latents": False})
+        inversion = csdi(sd, latents[1], cfg)
+        z_same = fff(sd, inversion, cfg)
+        ts, recorded = inversion.timesteps, dict(inversion.store.features)
+        neighbour = {t: ts[i + 1] if i + 1 < len(ts) else ts[i - 1] for i, t in enumerate(ts)}
+        inversion.store.features = {(path, t): recorded[(path, neighbour[t])] for path, t in recorded}
+        z_shifted = fff(sd, inversion, cfg)
+        styled = config(**base, ffa={"alpha": 0.0, "beta": 1.0, "layers": "all", "adain_latents": False})
         z_styled = fff(sd, csdi(sd, latents[0], styled), styled)
         eps = cfg_eps_fn(CountedUNet(sd.unet), encode_text(sd, [""]), None, 1.0)
         ts = ddim_timesteps(10)
         z_recon = ddim_sample(eps, ddim_invert(eps, latents[1][:1], ts, refine=8), ts)
     finally:
         unet_out.weight.copy_(saved[0]), unet_out.bias.copy_(saved[1])
-    assert (z_same - z_recon).norm() < 0.1 * (z_styled - z_recon).norm()
+    gap = (z_same - z_recon).norm()
+    assert gap < 0.5 * (z_shifted - z_recon).norm()
+    assert gap < 0.25 * (z_styled - z_recon).norm()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -153,8 +174,12 @@ def test_memory_and_recompute_give_the_same_image(sd, latents):
     for mode in ("memory", "recompute"):
         cfg = config(store={"mode": mode})
         images[mode] = decode_latents(sd, fff(sd, csdi(sd, latents[0], cfg), cfg))
-    # the same image within 2/255 per pixel, on the [-1, 1] scale
+    cfg = config(ffa={"recipe": "plain"})
+    images["plain"] = decode_latents(sd, fff(sd, csdi(sd, latents[0], cfg), cfg))
+    # the same image within 2/255 per pixel, on the [-1, 1] scale (measured: 0.01/255) ...
     assert (images["memory"] - images["recompute"]).abs().max() <= 2 / 255 * 2
+    # ... where FFA itself moves pixels by up to 32/255 (3/255 on average) from plain attention
+    assert (images["memory"] - images["plain"]).abs().max() > 10 * 2 / 255 * 2
 
 
 def test_store_sizes_and_unet_rows(sd, latents):
@@ -190,7 +215,9 @@ def test_ffa_timesteps_limit_what_is_kept_and_used(sd, latents):
     full = fff(sd, csdi(sd, latents[0], full_cfg), full_cfg)
     plain_cfg = config(ffa={"recipe": "plain"})
     none = fff(sd, csdi(sd, latents[0], plain_cfg), plain_cfg)
-    assert not torch.equal(partial, full) and not torch.equal(partial, none)
+    # between the two (measured 0.010 and 0.074), far beyond float32 rounding (1e-6); tests/test_method.py pins the
+    # exact result of ffa.timesteps against the paper's transcription
+    assert rel(partial, full) > 1e-3 and rel(partial, none) > 1e-3
 
 
 def test_an_inversion_serves_many_fff_runs(sd, latents):
@@ -199,7 +226,8 @@ def test_an_inversion_serves_many_fff_runs(sd, latents):
     inversion = csdi(sd, latents[0], cfg)
     first, again = fff(sd, inversion, cfg), fff(sd, inversion, cfg)
     other = fff(sd, inversion, config(ffa={"alpha": 0.5, "beta": 0.5}))
-    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert_same(first, again)
+    assert rel(first, other) > 1e-3  # measured 0.018
     with pytest.raises(ConfigError, match="steps"):
         fff(sd, inversion, config(steps=5))
     with pytest.raises(ConfigError, match="recorded no features"):
