@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import gc
 import os
+import struct
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from PIL import Image
 from _tiny import gradient, tree
 from magicstyle import images
 from magicstyle.output import OutputError
-from magicstyle.images import ImageError, open_rgb, save_png, square, to_image, to_tensor
+from magicstyle.images import ImageError, open_rgb, save_png, square, to_image, to_rgb, to_tensor
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -29,20 +31,40 @@ def near(a: tuple, b: tuple, tol: int = 8) -> bool:
 # ---------------------------------------------------------------------------------------------------------- open_rgb
 
 
-@pytest.mark.parametrize("orientation", [6, 8])
+QUADRANTS = (RED, GREEN, BLUE, WHITE)  # top-left, top-right, bottom-left, bottom-right of the stored image
+
+
+def displayed(a: np.ndarray, orientation: int) -> np.ndarray:
+    """The EXIF 2.3 definition of tag 0x0112, as where the stored 0th row and 0th column appear when displayed."""
+    return {
+        1: lambda: a,  # row 0 top, column 0 left
+        2: lambda: a[:, ::-1],  # row 0 top, column 0 right
+        3: lambda: a[::-1, ::-1],  # row 0 bottom, column 0 right
+        4: lambda: a[::-1],  # row 0 bottom, column 0 left
+        5: lambda: a.transpose(1, 0, 2),  # row 0 left, column 0 top
+        6: lambda: a[::-1].transpose(1, 0, 2),  # row 0 right, column 0 top
+        7: lambda: a[::-1, ::-1].transpose(1, 0, 2),  # row 0 right, column 0 bottom
+        8: lambda: a[:, ::-1].transpose(1, 0, 2),  # row 0 left, column 0 bottom
+    }[orientation]()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_is_applied(tmp_path, orientation):
-    img = Image.new("RGB", (60, 40), RED)
-    img.paste(BLUE, (0, 0, 30, 40))  # left half blue: after a quarter turn it is the top or the bottom half
+    a = np.zeros((40, 60, 3), np.uint8)  # 60 wide, 40 high, one colour per quadrant
+    for i, colour in enumerate(QUADRANTS):
+        a[20 * (i // 2):20 * (i // 2 + 1), 30 * (i % 2):30 * (i % 2 + 1)] = colour
+    img = Image.fromarray(a, "RGB")
     exif = img.getexif()
     exif[0x0112] = orientation
     path = tmp_path / "rotated.jpg"
     img.save(path, exif=exif, quality=95)
     out = open_rgb(path)
-    assert out.mode == "RGB" and out.size == (40, 60)
-    top, bottom = pixel(out, (20, 5)), pixel(out, (20, 54))
-    # 6: rotate 90 clockwise to display (left edge -> top); 8: 90 counter-clockwise (left edge -> bottom)
-    expected = (BLUE, RED) if orientation == 6 else (RED, BLUE)
-    assert near(top, expected[0], 40) and near(bottom, expected[1], 40)
+    want = displayed(a, orientation)
+    assert out.mode == "RGB" and out.size == (want.shape[1], want.shape[0])
+    h, w = want.shape[:2]
+    for y in (h // 4, 3 * h // 4):  # the centre of each quadrant
+        for x in (w // 4, 3 * w // 4):
+            assert near(pixel(out, (x, y)), tuple(int(v) for v in want[y, x]), 40), (orientation, x, y)
 
 
 def test_rgba_is_composited_on_white(tmp_path):
@@ -79,6 +101,41 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
     assert (out[..., 0] == out[..., 1]).all() and (out[..., 0] == out[..., 2]).all()
     np.testing.assert_array_equal(out[0, :, 0], np.arange(256))  # 0..65535 -> 0..255, monotone, not all 255
     assert (out[:, 128, 0] < 200).all()
+
+
+def png_rgb16(path, a: np.ndarray) -> None:
+    """Write a (H, W, 3) uint16 array as a 16-bit-per-channel RGB PNG (Pillow cannot write one)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = a.shape
+    rows = b"".join(b"\0" + a[y].astype(">u2").tobytes() for y in range(h))  # filter type 0 per row
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_rgb_keeps_its_colours(tmp_path):
+    a = np.zeros((2, 3, 3), np.uint16)
+    a[0] = [[65535, 0, 0], [0, 65535, 0], [0, 0, 65535]]
+    a[1] = [[32896, 32896, 32896], [65535, 65535, 65535], [257 * 40, 257 * 80, 257 * 200]]  # 128 grey; white; 8-bit x 257
+    png_rgb16(tmp_path / "rgb16.png", a)
+    out = np.asarray(open_rgb(tmp_path / "rgb16.png"))
+    assert out.dtype == np.uint8 and out.shape == (2, 3, 3)
+    np.testing.assert_array_equal(out, (a.astype(np.float64) / 257).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("top", [255, 65535])
+def test_mode_i_is_scaled_to_8_bits(tmp_path, top):
+    """32-bit integer greyscale ("I", e.g. from a TIFF): values up to 255 are kept, larger ones scaled from 16 bits."""
+    ramp = np.linspace(0, top, 256).round().astype(np.int32)[None, :].repeat(2, 0)
+    img = Image.fromarray(ramp)
+    assert img.mode == "I"
+    img.save(tmp_path / "i.tif")
+    assert Image.open(tmp_path / "i.tif").mode == "I"
+    for out in (np.asarray(open_rgb(tmp_path / "i.tif")), np.asarray(to_rgb(img))):
+        assert out.dtype == np.uint8 and out.shape == (2, 256, 3)
+        np.testing.assert_array_equal(out[0, :, 0], np.arange(256))
+        assert (out[..., 0] == out[..., 2]).all()
 
 
 def test_palette(tmp_path):
@@ -241,19 +298,40 @@ def test_save_png_refuses_an_existing_file(tmp_path):
         assert pixel(out) == BLUE
 
 
-def test_save_png_leaves_nothing_behind_when_writing_fails(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_save_png_leaves_nothing_behind_when_writing_fails(tmp_path, monkeypatch, failure):
+    """The disk fills (or Ctrl-C comes) half-way through writing the temporary file: the old file is untouched and
+    no temporary file remains."""
+    from magicstyle import output
+
     path = tmp_path / "out.png"
     path.write_bytes(b"old")
+    real_fdopen, written = os.fdopen, []
 
-    def fail(self, *args, **kwargs):
-        raise OSError(28, "No space left on device")
+    class HalfWritten:
+        def __init__(self, f):
+            self.f = f
 
-    monkeypatch.setattr(Image.Image, "save", fail)
-    with pytest.raises(Exception):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            written.append(len(data) // 2)
+            raise failure
+
+    monkeypatch.setattr(output.os, "fdopen", lambda fd, *a, **k: HalfWritten(real_fdopen(fd, *a, **k)))
+    expected = OutputError if isinstance(failure, OSError) else KeyboardInterrupt
+    with pytest.raises(expected):
         save_png(Image.new("RGB", (8, 8)), path, "{}", overwrite=True)
-    with pytest.raises(Exception):
+    with pytest.raises(expected):
         save_png(Image.new("RGB", (8, 8)), tmp_path / "new.png", "{}")
-    assert tree(tmp_path) == {"out.png": b"old"}  # the old file is untouched, no temporary file remains
+    assert len(written) == 2 and all(written)  # the failure did happen during the write, after some bytes
+    assert tree(tmp_path) == {"out.png": b"old"}
 
 
 def test_save_png_disk_full_is_an_output_error(tmp_path, monkeypatch):

@@ -80,6 +80,19 @@ def test_vae_decode_matches_reference(sd):
     assert rel_err(img, r["vae.decoded"]) < TOL
 
 
+def test_unet_takes_timesteps_and_context_of_any_dtype(sd):
+    """The UNet moves and casts ``t``, ``x`` and ``context`` itself; one timestep may be given for the whole batch."""
+    r = refs()
+    x, t, context, ref = r["unet.x16"], r["unet.t16"], r["text.hidden"], r["unet.eps16"]
+    with torch.no_grad():
+        for tt, ctx, tol in ((t.int(), context, TOL), (t.float(), context.double(), TOL),
+                             (t.double(), context.half(), 1e-2)):  # 1e-2: the context rounded to float16
+            assert rel_err(sd.unet(x.double(), tt, ctx), ref) < tol
+        one = sd.unet(x[:1], int(t[0]), context[:1])
+        assert torch.equal(one, sd.unet(x[:1], t[:1], context[:1]))
+        assert torch.equal(sd.unet(x[:1], t[0], context[:1]), one)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenizer conventions (SD1.5's, not open_clip's)
 

@@ -12,8 +12,10 @@ from attention import RECIPES, FeatureStore, Record, adain, feature_fusion_atten
 from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS
 from magicstyle import csdi, fff, load_config, load_model, stylize
 from magicstyle.config import ConfigError
+from magicstyle import pipeline
 from magicstyle.pipeline import (
-    CountedUNet, decode_latents, encode_images, encode_text, load_image, recipes, select_layers,
+    CountedUNet, decode_latents, encode_images, encode_text, load_image, recipes, resolve_device, resolve_dtypes,
+    select_layers,
 )
 from sampling import cfg_eps_fn, ddim_invert, ddim_sample, ddim_timesteps
 
@@ -289,3 +291,46 @@ def test_stylize_api(sd):
     assert out.size == (64, 64) and out.mode == "RGB"
     assert set(stats["seconds"]) == {"encode", "invert", "generate", "decode"}
     assert stats["unet_evals"] == 8 and stats["feature_store_bytes"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+def test_resolve_dtypes(monkeypatch):
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    # vae_dtype auto: the UNet's dtype, except float32 under a float16 UNet (fp16 SD VAEs overflow into black images)
+    assert resolve_dtypes("float16", "auto", cpu) == (f16, f32)
+    assert resolve_dtypes("bfloat16", "auto", cpu) == (bf16, bf16)
+    assert resolve_dtypes("float32", "auto", cuda) == (f32, f32)
+    assert resolve_dtypes("float16", "float16", cuda) == (f16, f16)  # asked for explicitly
+    # dtype auto: float16 on CUDA and MPS; on a CPU bfloat16 where it has bf16 instructions, else float32
+    assert resolve_dtypes("auto", "auto", cuda) == resolve_dtypes("auto", "auto", mps) == (f16, f32)
+    for has_bf16, want in ((True, (bf16, bf16)), (False, (f32, f32))):
+        monkeypatch.setattr(pipeline, "cpu_has_bf16", lambda: has_bf16)
+        assert resolve_dtypes("auto", "auto", cpu) == want
+
+
+def test_resolve_device(monkeypatch):
+    for cuda, mps, auto in ((False, False, "cpu"), (True, False, "cuda"), (False, True, "mps"), (True, True, "cuda")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+        assert resolve_device("auto") == torch.device(auto)
+        assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name in ("cuda", "mps"):
+        with pytest.raises(ConfigError) as e:
+            resolve_device(name)
+        message = str(e.value)
+        assert len(message.splitlines()) == 1 and name in message and "--device cpu" in message
+
+
+def test_float16_unet_gets_a_float32_vae():
+    sd = load_model(config(model={"dtype": "float16", "device": "cpu"}))
+    assert {p.dtype for m in (sd.unet, sd.text_encoder) for p in m.parameters()} == {torch.float16}
+    assert {p.dtype for p in sd.vae.parameters()} == {torch.float32}
+    z = encode_images(sd, load_image(ASTRONAUT, 64))
+    assert z.dtype == torch.float32 and decode_latents(sd, z).dtype == torch.float32
+    assert encode_text(sd, [""]).dtype == torch.float16
