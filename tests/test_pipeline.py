@@ -11,11 +11,11 @@ from _tiny import ASTRONAUT
 from attention import RECIPES, FeatureStore, Record, adain, feature_fusion_attention, multihead_attention, plain, register
 from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS
 from magicstyle import csdi, fff, load_config, load_model, stylize
+from magicstyle import model as model_module
 from magicstyle.config import ConfigError
-from magicstyle import pipeline
+from magicstyle.model import resolve_device, resolve_dtypes
 from magicstyle.pipeline import (
-    CountedUNet, decode_latents, encode_images, encode_text, load_image, recipes, resolve_device, resolve_dtypes,
-    select_layers,
+    CountedUNet, decode_latents, encode_images, encode_text, load_image, recipes, select_layers,
 )
 from sampling import cfg_eps_fn, ddim_invert, ddim_sample, ddim_timesteps
 
@@ -308,7 +308,7 @@ def test_resolve_dtypes(monkeypatch):
     # dtype auto: float16 on CUDA and MPS; on a CPU bfloat16 where it has bf16 instructions, else float32
     assert resolve_dtypes("auto", "auto", cuda) == resolve_dtypes("auto", "auto", mps) == (f16, f32)
     for has_bf16, want in ((True, (bf16, bf16)), (False, (f32, f32))):
-        monkeypatch.setattr(pipeline, "cpu_has_bf16", lambda: has_bf16)
+        monkeypatch.setattr(model_module, "cpu_has_bf16", lambda: has_bf16)
         assert resolve_dtypes("auto", "auto", cpu) == want
 
 
