@@ -1,12 +1,12 @@
 """CSDI + FFF against an independent transcription of the paper, with content != style.
 
 The transcription below is written from the paper alone (Sec. III-B/C, Algorithm 1, eq. 3-5) plus the README's
-choices (SD1.5's DDIM table, AdaIN with population std and eps 1e-5 on the variance, FFA in both guidance branches,
-features of the last UNet call at each timestep).  It shares nothing with the pipeline but the UNet's weights and
-its ``attn1`` swap point: its own alpha-bar table and timesteps, its own DDIM steps (eq. 12 of Song et al., eta = 0),
-its own recording of the self-attention inputs, its own AdaIN, softmax attention and guidance.  It runs in float64
-on the CPU; the pipeline runs as users run it (float32, ``device: auto``, the feature store kept in float32 here so
-that only the arithmetic's rounding separates the two).
+choices: SD1.5's DDIM table, AdaIN with population std and eps 1e-5 on the variance, FFA in both guidance branches
+or only the conditional one (``ffa.cfg_rows``), the features of the last UNet call at each timestep.  It shares
+nothing with the pipeline but the UNet's weights and its ``attn1`` swap point: its own alpha-bar table and timesteps,
+its own DDIM steps (eq. 12 of Song et al., eta = 0), its own recording of the self-attention inputs, its own AdaIN,
+softmax attention and guidance, each image and each guidance branch run on its own.  Both run in float32 on the CPU
+(the feature store kept in float32 here), so that only the order of the arithmetic separates them.
 
 Each case also runs the transcription with one plausible bug (content and style features swapped, AdaIN's arguments
 swapped, an option ignored, the unconditional rows recorded) and checks that each bug moves the result by far more
@@ -56,6 +56,7 @@ class Paper:
     ffa_steps: tuple | str = "all"  # generation step indices (0 = noisiest) at which FFA runs
     adain_values: bool = True  # Algorithm 1 line 5
     adain_latents: bool = True  # eq. 4
+    cfg_rows: str = "both"  # under guidance 5, FFA in both branches' rows, or only in the conditional ones
     clip_layer: str = "last"
     swap_features: bool = False  # bug: h^S used where h^C belongs, and the other way round
     swap_start: bool = False  # bug: AdaIN(z_T^S, z_T^C)
@@ -70,7 +71,7 @@ class Paper:
             "inversion": {"prompt": self.inversion_prompt, "guidance": self.inversion_guidance, "refine": self.refine},
             "generation": {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "guidance": self.guidance},
             "ffa": {"alpha": self.alpha, "beta": self.beta, "adain_values": self.adain_values,
-                    "adain_latents": self.adain_latents,
+                    "adain_latents": self.adain_latents, "cfg_rows": self.cfg_rows,
                     "layers": self.layers if isinstance(self.layers, str) else list(self.layers),
                     "timesteps": self.ffa_steps if isinstance(self.ffa_steps, str) else list(self.ffa_steps)},
             **extra,
@@ -184,7 +185,8 @@ def transcription(unet, text_encoder, tokenizer, z0, p: Paper):
     z = ada_in(z_c, z_s, (2, 3)) if p.adain_latents else z_c
     cond, uncond = embed(p.prompt), embed(p.negative_prompt)
     for t in ts:
-        z = ddim_move(z, guided(z, t, cond, uncond, p.guidance, "ffa", "ffa"), ab[t], lower[t])
+        e = guided(z, t, cond, uncond, p.guidance, "ffa", "ffa" if p.cfg_rows == "both" else "plain")
+        z = ddim_move(z, e, ab[t], lower[t])
     return z
 
 
@@ -221,12 +223,13 @@ CASES = {
     # recompute mode, FFA at the first and last of three steps, one refinement per inversion step
     "recompute": (Paper(ffa_steps=(0, 2), refine=1), {"store": {"mode": "recompute"}},
                   {"ffa_steps": "all", "refine": 0, "swap_features": True}),
-    # inversion under guidance (features of the conditional rows), no AdaIN anywhere, clip skip 2, every layer
+    # inversion under guidance (features of the conditional rows), no AdaIN anywhere, clip skip 2, every layer, FFA
+    # in the conditional rows only
     "options": (Paper(inversion_prompt="an oil painting of a cat, by a master", inversion_guidance=3.0,
                       adain_latents=False, adain_values=False, clip_layer="penultimate", layers="all",
-                      alpha=0.6, beta=0.7), {},
+                      alpha=0.6, beta=0.7, cfg_rows="cond"), {},
                 {"record_uncond": True, "adain_latents": True, "adain_values": True, "clip_layer": "last",
-                 "inversion_guidance": 1.0}),
+                 "inversion_guidance": 1.0, "cfg_rows": "both"}),
 }
 
 
@@ -234,7 +237,8 @@ CASES = {
 def test_csdi_and_fff_follow_the_paper(case, sd, reference, z0):
     p, extra, bugs = CASES[case]
     cfg = load_config(None, p.config(**({"store": {"dtype": "float32"}} | extra)))
-    got = fff(sd, csdi(sd, z0, cfg), cfg)
+    inversion = csdi(sd, z0, cfg)
+    got = fff(sd, inversion, cfg)
     with torch.no_grad():
         want = transcription(*reference, z0, p)
         gaps = {bug: rel(transcription(*reference, z0, replace(p, **{bug: value})), want) for bug, value in bugs.items()}
@@ -242,6 +246,9 @@ def test_csdi_and_fff_follow_the_paper(case, sd, reference, z0):
     assert rel(got, want) < TOL, f"pipeline vs transcription: {rel(got, want):.2e}"
     for bug, gap in gaps.items():  # each bug moves the result far beyond the tolerance
         assert gap > 10 * TOL, f"{bug} changes the result by only {gap:.2e}"
-    if case == "paper":  # the two images swapped (the order of csdi's batch): far from the content-style result
-        swapped = fff(sd, csdi(sd, z0.flip(0), cfg), cfg)
-        assert rel(swapped, want) > 10 * TOL
+    if case == "paper":  # both pairs of one inversion in one batch: (content, style) and the two images swapped
+        both = fff(sd, inversion, cfg, pairs=[(0, 1), (1, 0)])
+        with torch.no_grad():
+            want_swapped = transcription(*reference, z0.flip(0), p)
+        assert rel(both[:1], want) < TOL and rel(both[1:], want_swapped) < TOL
+        assert rel(want_swapped, want) > 10 * TOL  # swapping the images is far beyond the tolerance
