@@ -117,7 +117,7 @@ def png_rgb16(path, a: np.ndarray) -> None:
 def test_16_bit_rgb_keeps_its_colours(tmp_path):
     a = np.zeros((2, 3, 3), np.uint16)
     a[0] = [[65535, 0, 0], [0, 65535, 0], [0, 0, 65535]]
-    a[1] = [[32896, 32896, 32896], [65535, 65535, 65535], [257 * 40, 257 * 80, 257 * 200]]  # 128 grey; white; 8-bit x 257
+    a[1] = [[32896] * 3, [65535] * 3, [257 * 40, 257 * 80, 257 * 200]]  # 128 grey; white; 8-bit values x 257
     png_rgb16(tmp_path / "rgb16.png", a)
     out = np.asarray(open_rgb(tmp_path / "rgb16.png"))
     assert out.dtype == np.uint8 and out.shape == (2, 3, 3)

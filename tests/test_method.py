@@ -241,7 +241,7 @@ def test_csdi_and_fff_follow_the_paper(case, sd, reference, z0):
     got = fff(sd, inversion, cfg)
     with torch.no_grad():
         want = transcription(*reference, z0, p)
-        gaps = {bug: rel(transcription(*reference, z0, replace(p, **{bug: value})), want) for bug, value in bugs.items()}
+        gaps = {bug: rel(transcription(*reference, z0, replace(p, **{bug: v})), want) for bug, v in bugs.items()}
     assert got.shape == want.shape == (1, 4, SIZE // 8, SIZE // 8)
     assert rel(got, want) < TOL, f"pipeline vs transcription: {rel(got, want):.2e}"
     for bug, gap in gaps.items():  # each bug moves the result far beyond the tolerance
