@@ -1,4 +1,4 @@
-"""``python -m magicstyle``: the command line of ``train_free_run.py`` (installed as the ``magicstyle`` command too)."""
+"""``python -m magicstyle``: the command line (the same as ``train_free_run.py`` and the ``magicstyle`` command)."""
 import sys
 
 from train_free_run import main

@@ -1,0 +1,298 @@
+"""A run of the command line (``train_free_run.py`` parses the arguments, ``run`` does the rest).
+
+Everything the user gave is checked first (configuration of every setting, images, output paths, weights), before
+the model is loaded.  One job (one content, one style, one setting) writes one PNG, as ``stylize`` does.  Several
+jobs write a run folder: one PNG per job, ``index.json`` and ``grid.png``.  Jobs share work: each image is encoded
+and inverted (CSDI) once per run, or once per group of settings that change the inversion (``inversion_key``); FFF
+runs once per job.  A job whose PNG exists is skipped (resume) unless ``--overwrite``; a job that fails is recorded
+and the others still run (exit status 1).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from models.errors import CheckpointError, MagicStyleError
+
+from . import __version__, grid, jobs, pipeline
+from .images import save_png, to_image
+from .output import check_writable, write_atomic
+from .progress import Progress
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+INVERT_BATCH = 4  # images per CSDI batch (a run inverts all its style images before the first job)
+
+
+def config_overrides(args) -> dict:
+    """The options that set config keys -> a nested override mapping (None: not given)."""
+    flags = {
+        "size": args.size, "steps": args.steps, "seed": args.seed,
+        "model": {"weights": args.weights, "vae": args.vae, "device": args.device, "dtype": args.dtype},
+        "ffa": {"alpha": args.alpha, "beta": args.beta},
+    }
+    if (args.alpha is None) != (args.beta is None):  # eq. 5 has alpha + beta = 1: one flag sets both
+        given = args.alpha if args.alpha is not None else args.beta
+        if 0.0 <= given <= 1.0:
+            other = round(1.0 - given, 12)
+            flags["ffa"] = {"alpha": given, "beta": other} if args.alpha is not None else {"alpha": other, "beta": given}
+
+    def prune(d: dict) -> dict:
+        return {k: prune(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None and v != {}}
+
+    return prune(flags)
+
+
+def free_keys(args) -> set[str]:
+    """ffa.alpha / ffa.beta when the command line leaves them unset: a sweep of the other sets them (eq. 5)."""
+    given = {"ffa.alpha": args.alpha is not None, "ffa.beta": args.beta is not None}
+    for o in args.overrides:
+        given[o.split("=", 1)[0].strip()] = True
+    return {k for k in ("ffa.alpha", "ffa.beta") if not given[k]}
+
+
+def default_output(content: str | Path, style: str | Path) -> Path:
+    return Path("outputs") / f"{Path(content).stem}_{Path(style).stem}.png"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+
+
+@dataclass
+class Run:
+    """What every job of a run shares."""
+
+    args: object
+    weights: Path
+    quiet: bool
+    sd: object = None
+    sha: str | None = None
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(("load", "encode", "invert", "generate", "decode"), 0.0))
+    counts: dict = field(default_factory=lambda: dict(unet_evals=0, unet_rows=0, feature_store_bytes=0,
+                                                      images_inverted=0))
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr)
+
+    def load(self, cfg: DictConfig, images: list[jobs.Source]) -> None:
+        """Load the model (once), then say which images get resized: notes only once the run really starts."""
+        start = time.perf_counter()
+        try:
+            self.sd = pipeline.load_model(cfg)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (see weights/README.md)") from None
+        self.seconds["load"] = time.perf_counter() - start
+        for src in {s.path: s for s in images if s.size}.values():
+            if src.size[0] != src.size[1]:
+                self.log(f"note: {src.path.name} is {src.size[0]}x{src.size[1]}; it is resized and centre-cropped "
+                         f"to {cfg.size}x{cfg.size}")
+
+    def parameters(self, cfg: DictConfig, content: Path, style: Path) -> str:
+        """The PNG's ``parameters`` chunk: the resolved config, seed, checkpoint and its hash, inputs, version."""
+        self.sha = self.sha or file_sha256(self.weights)[:10]
+        return json.dumps({
+            "config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed, "checkpoint": self.weights.name,
+            "checkpoint_sha256": self.sha, "vae": Path(cfg.model.vae).name if cfg.model.vae else None,
+            "content": content.name, "style": style.name, "version": __version__,
+        })
+
+    def report(self, extra: dict | None = None) -> dict:
+        data = {"seconds": self.seconds, **{k: v for k, v in self.counts.items() if k != "images_inverted"},
+                "peak_rss_bytes": peak_rss_bytes(), "device": None, "dtype": None}
+        if self.sd is not None and hasattr(self.sd, "unet"):
+            param = next(self.sd.unet.parameters())
+            data.update(device=str(param.device), dtype=str(param.dtype).removeprefix("torch."))
+            if param.device.type == "cuda":
+                data["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(param.device)
+        return {**data, **(extra or {})}
+
+
+def run(args) -> int:
+    """The command line's whole run; the exit status (0, 1: some jobs failed, 2: bad input, 130: interrupted)."""
+    try:
+        return _run(args)
+    except MagicStyleError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; finished outputs are kept, nothing half-written (run again to resume)\n")
+        return EXIT_INTERRUPTED
+
+
+def _run(args) -> int:
+    # 1. Everything the user gave is checked before the model is loaded.
+    settings = jobs.make_settings(args.sweep, args.setting, free_keys(args))
+    jobs.load_settings(settings, args.config, config_overrides(args), args.overrides)
+    contents, styles = jobs.find_images(args.content, "content"), jobs.find_images(args.style, "style")
+    many = len(contents) * len(styles) * len(settings) > 1
+    if many:
+        name = "_".join([jobs.run_name(args.content), jobs.run_name(args.style),
+                         *[s.split("=", 1)[0] for s in args.sweep]])
+        output = Path(args.output) if args.output else Path("outputs") / name
+        jobs.check_run_folder(output)
+        check_writable(output / jobs.INDEX, overwrite=True, what="--output")
+    else:
+        output = Path(args.output) if args.output else default_output(contents[0].path, styles[0].path)
+        check_writable(output, overwrite=args.overwrite, what="--output")
+    report = Path(args.report) if args.report else None
+    if report is not None:
+        check_writable(report, overwrite=args.overwrite, what="--report")
+    cfg = settings[0].cfg
+    weights = pipeline.weights_path(cfg.model.weights)
+    if not weights.is_file():
+        raise CheckpointError(
+            f"weights file {weights} not found; put an SD1.5 .safetensors checkpoint there or pass --weights "
+            "(see weights/README.md)"
+        )
+    state = Run(args, weights, args.quiet)
+
+    # 2. The jobs, 3. outputs (each written atomically).
+    if not many:
+        state.load(cfg, [contents[0], styles[0]])
+        stats: dict = {}
+        image = pipeline.stylize(contents[0].path, styles[0].path, cfg, sd=state.sd,
+                                 progress=Progress(enabled=not args.quiet), stats=stats)
+        save_png(image, output, state.parameters(cfg, contents[0].path, styles[0].path), overwrite=args.overwrite)
+        if report is not None:
+            state.seconds.update(stats["seconds"])
+            state.counts.update({k: stats[k] for k in ("unet_evals", "unet_rows", "feature_store_bytes")})
+            write_atomic(report, json.dumps(state.report(), indent=2).encode(), overwrite=args.overwrite,
+                         what="--report")
+        state.log(f"wrote {output}")
+        return 0
+
+    todo = jobs.make_jobs(contents, styles, settings)
+    for job in todo:
+        if job.status == "pending" and (output / job.output).exists() and not args.overwrite:
+            job.status = "skipped"
+    pending = [j for j in todo if j.status == "pending"]
+    skipped = sum(j.status == "skipped" for j in todo)
+    state.log(f"{len(todo)} jobs ({len(contents)} content x {len(styles)} style x {len(settings)} settings)"
+              + (f"; {skipped} skipped, their output exists (--overwrite redoes them)" if skipped else ""))
+    try:
+        if pending:
+            state.load(cfg, [s for j in pending for s in (j.content, j.style)])
+            run_jobs(state, pending, settings, output)
+    finally:  # also after Ctrl-C: the index says what is finished
+        write_atomic(output / jobs.INDEX, json.dumps(jobs.index(output.name, settings, todo), indent=2).encode(),
+                     overwrite=True, what="index")
+    write_atomic(output / jobs.GRID, grid.png_bytes(todo, settings, output), overwrite=True, what="grid")
+    counts = {s: sum(j.status == s for j in todo) for s in ("done", "skipped", "failed")}
+    if report is not None:
+        extra = {"jobs": len(todo), **{f"jobs_{s}": n for s, n in counts.items()},
+                 "images_inverted": state.counts["images_inverted"]}
+        write_atomic(report, json.dumps(state.report(extra), indent=2).encode(), overwrite=args.overwrite,
+                     what="--report")
+    for job in todo:
+        if job.status == "failed":
+            sys.stderr.write(f"failed: {job.output}: {job.error}\n")
+    state.log(f"wrote {output}: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
+    return EXIT_FAILED if counts["failed"] else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Many jobs
+
+
+def api():
+    """The pipeline's N-image API (TEMPORARY fallback to a shim until it lands on main)."""
+    if hasattr(pipeline, "inversion_key"):
+        return pipeline
+    from . import _shim
+    return _shim
+
+
+def invert(state: Run, paths: list[Path], cfg: DictConfig, progress: Progress):
+    """Encode and invert these images (CSDI, in batches of INVERT_BATCH) -> one Inversion, rows in this order."""
+    p, parts = api(), []
+    for i in range(0, len(paths), INVERT_BATCH):
+        chunk = paths[i:i + INVERT_BATCH]
+        start = time.perf_counter()
+        images = torch.cat([pipeline.load_image(path, cfg.size) for path in chunk])  # (n, 3, size, size)
+        generator = torch.Generator().manual_seed(cfg.seed) if cfg.inversion.sample_posterior else None
+        z0 = pipeline.encode_images(state.sd, images, generator)
+        state.seconds["encode"] += time.perf_counter() - start
+        start, counts = time.perf_counter(), {}
+        parts.append(p.csdi(state.sd, z0, cfg, progress=progress, stats=counts))
+        state.seconds["invert"] += time.perf_counter() - start
+        state.counts["unet_evals"] += counts["invert_unet_calls"]
+        state.counts["unet_rows"] += counts["invert_unet_rows"]
+        state.counts["images_inverted"] += len(chunk)
+    return parts[0] if len(parts) == 1 else p.Inversion.cat(parts)
+
+
+def one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, MagicStyleError) else f"{type(e).__name__}: {text}".rstrip(": ")
+
+
+def run_jobs(state: Run, todo: list[jobs.Job], settings: list[jobs.Setting], folder: Path) -> None:
+    """Run the jobs: per inversion group, invert every style once, then each content once, then FFF per job."""
+    p, progress = api(), Progress(enabled=not state.quiet)
+    groups: dict[str, list[jobs.Job]] = {}
+    for job in todo:
+        groups.setdefault(p.inversion_key(settings[job.setting].cfg), []).append(job)
+    done = 0
+    for group in groups.values():
+        cfg = settings[group[0].setting].cfg
+        styles = list(dict.fromkeys(j.style.path for j in group))
+        try:
+            styles_inv = invert(state, styles, cfg, progress)
+        except Exception as e:  # noqa: BLE001 - recorded per job; the other groups still run
+            for job in group:
+                job.fail(one_line(e))
+            continue
+        for content in dict.fromkeys(j.content.path for j in group):
+            mine = [j for j in group if j.content.path == content]
+            try:
+                own = styles_inv.select([styles.index(content)]) if content in styles else invert(
+                    state, [content], cfg, progress)
+                inv = p.Inversion.cat([own, styles_inv])  # row 0: the content, rows 1...: the styles
+            except Exception as e:  # noqa: BLE001
+                for job in mine:
+                    job.fail(one_line(e))
+                continue
+            state.counts["feature_store_bytes"] = max(state.counts["feature_store_bytes"], inv.store.nbytes)
+            for job in mine:
+                done += 1
+                s = settings[job.setting]
+                state.log(f"job {done}/{len(todo)}: {job.content.path.name} x {job.style.path.name}"
+                          + (f" [{s.label}]" if s.label else ""))
+                try:
+                    run_job(state, job, s.cfg, inv, (0, 1 + styles.index(job.style.path)), folder, progress)
+                except Exception as e:  # noqa: BLE001
+                    job.fail(one_line(e))
+
+
+def run_job(state: Run, job: jobs.Job, cfg: DictConfig, inv, pair: tuple[int, int], folder: Path,
+            progress: Progress) -> None:
+    """FFF for one pair of an inversion, decode, write the PNG."""
+    start, counts = time.perf_counter(), {}
+    z = api().fff(state.sd, inv, cfg, pairs=[pair], progress=progress, stats=counts)
+    state.counts["unet_evals"] += counts["generate_unet_calls"]
+    state.counts["unet_rows"] += counts["generate_unet_rows"]
+    middle = time.perf_counter()
+    state.seconds["generate"] += middle - start
+    image = to_image(pipeline.decode_latents(state.sd, z))
+    save_png(image, folder / job.output, state.parameters(cfg, job.content.path, job.style.path),
+             overwrite=state.args.overwrite)
+    state.seconds["decode"] += time.perf_counter() - middle
+    job.status, job.seconds = "done", time.perf_counter() - start
