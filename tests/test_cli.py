@@ -365,3 +365,19 @@ def test_alpha_alone_records_a_round_beta(fake_model, inputs):
 def test_overrides_may_be_interleaved_with_options(fake_model, inputs):
     assert cli(["steps=3", *argv(inputs), "size=128"]) == 0
     assert parameters(inputs.output)["config"]["size"] == 128
+
+
+def test_a_broken_checkpoint_with_non_square_images_prints_one_line(inputs, monkeypatch, capsys):
+    """The resize notes come only once the model has loaded: a bad checkpoint is one line, not notes + error."""
+    monkeypatch.setattr(pipeline, "stylize", lambda *a, **k: pytest.fail("stylize ran"))
+    assert cli(argv(inputs, "--weights", corrupt_weights(inputs), quiet=False)) == 2  # 80x64 and 64x80 inputs
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "corrupt.safetensors" in err, err
+
+
+def test_non_square_images_are_noted_once_the_run_starts(fake_model, inputs, capsys):
+    assert cli(argv(inputs, quiet=False)) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "note: portrait.png is 80x64; it is resized and centre-cropped to 64x64"
+    assert err[1] == "note: starry.jpg is 64x80; it is resized and centre-cropped to 64x64"
+    assert err[-1] == f"wrote {inputs.output}"
