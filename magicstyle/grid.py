@@ -23,21 +23,19 @@ def font(size: int = FONT_SIZE) -> ImageFont.FreeTypeFont:
 
 
 def wrap(text: str, width: int, f: ImageFont.FreeTypeFont) -> list[str]:
-    """Greedy line breaking after ', ' (between overrides), inside a too-long override at any character."""
-    parts = text.split(", ")
-    lines: list[str] = []
-    for item in [p + "," for p in parts[:-1]] + parts[-1:]:
-        if lines and f.getlength(lines[-1] + " " + item) <= width:
-            lines[-1] += " " + item
+    """Greedy line breaking after spaces; a word wider than the column breaks at any character."""
+    lines = [""]
+    for word in text.replace(" ", " \0").split("\0"):
+        if f.getlength((lines[-1] + word).rstrip()) <= width:
+            lines[-1] += word
             continue
-        current = ""
-        for ch in item:
-            if current and f.getlength(current + ch) > width:
-                lines.append(current)
-                current = ""
-            current += ch
-        lines.append(current)
-    return lines or [""]
+        if lines[-1]:
+            lines.append("")
+        for ch in word:
+            if lines[-1] and f.getlength((lines[-1] + ch).rstrip()) > width:
+                lines.append("")
+            lines[-1] += ch
+    return [line.rstrip() for line in lines]
 
 
 def fit(text: str, width: int, f: ImageFont.FreeTypeFont) -> str:

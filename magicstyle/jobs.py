@@ -192,6 +192,7 @@ class Job:
     status: str = "pending"  # pending | done | skipped | failed
     error: str | None = None
     seconds: float | None = None
+    rank: int | None = None  # the torchrun rank that ran it (index.json has it only under torchrun)
 
     def fail(self, message: str) -> None:
         self.status, self.error = "failed", " ".join(message.split())
@@ -242,7 +243,8 @@ def index(name: str, settings: list[Setting], jobs: list[Job]) -> dict:
         "jobs": [
             {"content": str(j.content.path), "style": str(j.style.path), "setting": j.setting,
              "label": settings[j.setting].label, "overrides": settings[j.setting].overrides, "output": j.output,
-             "status": j.status, "error": j.error, "seconds": j.seconds}
+             "status": j.status, "error": j.error, "seconds": j.seconds,
+             **({"rank": j.rank} if j.rank is not None else {})}
             for j in jobs
         ],
     }

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.errors import CheckpointError, MagicStyleError
 
-from . import __version__, grid, jobs, pipeline
+from . import __version__, grid, jobs, pipeline, shard
 from .images import save_png, to_image
 from .output import check_writable, write_atomic
 from .progress import Progress
@@ -179,37 +179,69 @@ def _run(args) -> int:
         state.log(f"wrote {output}")
         return 0
 
-    todo = jobs.make_jobs(contents, styles, settings)
-    for job in todo:
-        if job.status == "pending" and (output / job.output).exists() and not args.overwrite:
-            job.status = "skipped"
-    pending = [j for j in todo if j.status == "pending"]
-    skipped = sum(j.status == "skipped" for j in todo)
-    state.log(f"{len(todo)} jobs ({len(contents)} content x {len(styles)} style x {len(settings)} settings)"
-              + (f"; {skipped} skipped, their output exists (--overwrite redoes them)" if skipped else ""))
-    try:
-        if pending:
-            state.load(cfg, [s for j in pending for s in (j.content, j.style)])
-            run_jobs(state, pending, settings, output)
-    finally:  # also after Ctrl-C: the index says what is finished
-        write_atomic(output / jobs.INDEX, json.dumps(jobs.index(output.name, settings, todo), indent=2).encode(),
-                     overwrite=True, what="index")
-    write_atomic(output / jobs.GRID, grid.png_bytes(todo, settings, output), overwrite=True, what="grid")
-    counts = {s: sum(j.status == s for j in todo) for s in ("done", "skipped", "failed")}
-    if report is not None:
-        extra = {"jobs": len(todo), **{f"jobs_{s}": n for s, n in counts.items()},
-                 "images_inverted": state.counts["images_inverted"]}
-        write_atomic(report, json.dumps(state.report(extra), indent=2).encode(), overwrite=args.overwrite,
-                     what="--report")
-    for job in todo:
-        if job.status == "failed":
-            sys.stderr.write(f"failed: {job.output}: {job.error}\n")
-    state.log(f"wrote {output}: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
-    return EXIT_FAILED if counts["failed"] else 0
+    return run_many(state, contents, styles, settings, output, report)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Many jobs
+
+
+def run_many(state: Run, contents: list, styles: list, settings: list, folder: Path, report: Path | None) -> int:
+    """Several jobs: skip those whose PNG exists, run the rest (this rank's share under torchrun), then write the
+    run folder's index.json and grid.png, and the report."""
+    rank, size = shard.world()
+    shard.start(settings[0].cfg.model.device)
+    state.quiet = state.quiet or rank > 0
+    todo = jobs.make_jobs(contents, styles, settings)
+    exists = shard.agree([(folder / j.output).exists() and not state.args.overwrite for j in todo])
+    for job, skip in zip(todo, exists):
+        job.status = "skipped" if skip and job.status == "pending" else job.status
+    skipped = sum(j.status == "skipped" for j in todo)
+    state.log(f"{len(todo)} jobs ({len(contents)} content x {len(styles)} style x {len(settings)} settings)"
+              + (f"; {skipped} skipped, their output exists (--overwrite redoes them)" if skipped else "")
+              + (f"; {size} ranks" if size > 1 else ""))
+    mine = shard.share([j for j in todo if j.status == "pending"], len(contents), len(styles))
+    try:
+        if mine:
+            state.load(settings[0].cfg, [s for j in mine for s in (j.content, j.style)])
+            run_jobs(state, mine, settings, folder)
+    except KeyboardInterrupt:
+        if size == 1:  # the index lists what is finished
+            write_index(folder, settings, [j for j in todo if j.status != "pending"])
+        raise
+    results = shard.gather(({j.output: (j.status, j.error, j.seconds) for j in mine}, state.seconds, state.counts,
+                            peak_rss_bytes()))
+    for r, (done, *_) in enumerate(results):
+        for job in todo:
+            if job.output in done:
+                job.status, job.error, job.seconds = done[job.output]
+                job.rank = r if size > 1 else None
+    counts = {s: sum(j.status == s for j in todo) for s in ("done", "skipped", "failed")}
+    if rank == 0:
+        write_index(folder, settings, todo)
+        write_atomic(folder / jobs.GRID, grid.png_bytes(todo, settings, folder), overwrite=True, what="grid")
+        if report is not None:
+            for key in state.seconds:
+                state.seconds[key] = sum(r[1][key] for r in results)
+            for key in state.counts:
+                state.counts[key] = (max if key == "feature_store_bytes" else sum)(r[2][key] for r in results)
+            extra = {"jobs": len(todo), **{f"jobs_{s}": n for s, n in counts.items()},
+                     "images_inverted": state.counts["images_inverted"], "peak_rss_bytes": max(r[3] for r in results)}
+            if size > 1:
+                extra["ranks"] = size
+            write_atomic(report, json.dumps(state.report(extra), indent=2).encode(), overwrite=state.args.overwrite,
+                         what="--report")
+        for job in todo:
+            if job.status == "failed":
+                sys.stderr.write(f"failed: {job.output}: {job.error}\n")
+        state.log(f"wrote {folder}: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
+    shard.stop()
+    return EXIT_FAILED if counts["failed"] else 0
+
+
+def write_index(folder: Path, settings: list, todo: list) -> None:
+    data = jobs.index(folder.name, settings, todo)
+    write_atomic(folder / jobs.INDEX, json.dumps(data, indent=2).encode(), overwrite=True, what="index")
 
 
 def api():
@@ -220,7 +252,7 @@ def api():
     return _shim
 
 
-def invert(state: Run, paths: list[Path], cfg: DictConfig, progress: Progress):
+def invert(state: Run, paths: list[Path], cfg: DictConfig):
     """Encode and invert these images (CSDI, in batches of INVERT_BATCH) -> one Inversion, rows in this order."""
     p, parts = api(), []
     for i in range(0, len(paths), INVERT_BATCH):
@@ -231,7 +263,7 @@ def invert(state: Run, paths: list[Path], cfg: DictConfig, progress: Progress):
         z0 = pipeline.encode_images(state.sd, images, generator)
         state.seconds["encode"] += time.perf_counter() - start
         start, counts = time.perf_counter(), {}
-        parts.append(p.csdi(state.sd, z0, cfg, progress=progress, stats=counts))
+        parts.append(p.csdi(state.sd, z0, cfg, stats=counts))
         state.seconds["invert"] += time.perf_counter() - start
         state.counts["unet_evals"] += counts["invert_unet_calls"]
         state.counts["unet_rows"] += counts["invert_unet_rows"]
@@ -246,7 +278,8 @@ def one_line(e: Exception) -> str:
 
 def run_jobs(state: Run, todo: list[jobs.Job], settings: list[jobs.Setting], folder: Path) -> None:
     """Run the jobs: per inversion group, invert every style once, then each content once, then FFF per job."""
-    p, progress = api(), Progress(enabled=not state.quiet)
+    p, progress = api(), Progress(enabled=not state.quiet)  # one bar for the run: jobs done / total, ETA
+    progress.begin("jobs", len(todo))
     groups: dict[str, list[jobs.Job]] = {}
     for job in todo:
         groups.setdefault(p.inversion_key(settings[job.setting].cfg), []).append(job)
@@ -255,38 +288,39 @@ def run_jobs(state: Run, todo: list[jobs.Job], settings: list[jobs.Setting], fol
         cfg = settings[group[0].setting].cfg
         styles = list(dict.fromkeys(j.style.path for j in group))
         try:
-            styles_inv = invert(state, styles, cfg, progress)
+            styles_inv = invert(state, styles, cfg)
         except Exception as e:  # noqa: BLE001 - recorded per job; the other groups still run
             for job in group:
                 job.fail(one_line(e))
+            done += len(group)
+            progress.update(done)
             continue
         for content in dict.fromkeys(j.content.path for j in group):
             mine = [j for j in group if j.content.path == content]
             try:
                 own = styles_inv.select([styles.index(content)]) if content in styles else invert(
-                    state, [content], cfg, progress)
+                    state, [content], cfg)
                 inv = p.Inversion.cat([own, styles_inv])  # row 0: the content, rows 1...: the styles
             except Exception as e:  # noqa: BLE001
                 for job in mine:
                     job.fail(one_line(e))
+                done += len(mine)
+                progress.update(done)
                 continue
             state.counts["feature_store_bytes"] = max(state.counts["feature_store_bytes"], inv.store.nbytes)
             for job in mine:
-                done += 1
-                s = settings[job.setting]
-                state.log(f"job {done}/{len(todo)}: {job.content.path.name} x {job.style.path.name}"
-                          + (f" [{s.label}]" if s.label else ""))
                 try:
-                    run_job(state, job, s.cfg, inv, (0, 1 + styles.index(job.style.path)), folder, progress)
+                    run_job(state, job, settings[job.setting].cfg, inv, (0, 1 + styles.index(job.style.path)), folder)
                 except Exception as e:  # noqa: BLE001
                     job.fail(one_line(e))
+                done += 1
+                progress.update(done)
 
 
-def run_job(state: Run, job: jobs.Job, cfg: DictConfig, inv, pair: tuple[int, int], folder: Path,
-            progress: Progress) -> None:
+def run_job(state: Run, job: jobs.Job, cfg: DictConfig, inv, pair: tuple[int, int], folder: Path) -> None:
     """FFF for one pair of an inversion, decode, write the PNG."""
     start, counts = time.perf_counter(), {}
-    z = api().fff(state.sd, inv, cfg, pairs=[pair], progress=progress, stats=counts)
+    z = api().fff(state.sd, inv, cfg, pairs=[pair], stats=counts)
     state.counts["unet_evals"] += counts["generate_unet_calls"]
     state.counts["unet_rows"] += counts["generate_unet_rows"]
     middle = time.perf_counter()

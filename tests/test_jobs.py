@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -254,3 +257,25 @@ def test_the_readme_reproduces_the_paper_on_the_tiny_checkpoint(figure, tmp_path
     else:
         assert [s["overrides"]["ffa.recipe"] for s in index["settings"]] == [
             "ffa", "styleid", "vsp", "stylealigned", "plain"]
+
+
+def test_torchrun_shards_the_jobs_over_two_ranks(inputs):
+    """2 processes, gloo on the CPU: every pending job runs exactly once, on the rank of its content image; an
+    output that exists (a job finished before a rank died) is skipped, not redone."""
+    inputs.output.mkdir()
+    existing = inputs.output / "b_ihc_ffa.beta=1.png"
+    existing.write_bytes(b"finished earlier")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_free_run.py",
+         "--content", str(inputs.contents), "--style", str(STYLE), "--config", str(inputs.config),
+         "--sweep", "ffa.beta=0,1", "--output", str(inputs.output), "--report", str(inputs.tmp / "r.json"), "--quiet"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = json.loads((inputs.output / "index.json").read_text())["jobs"]
+    assert [(j["output"], j["status"], j.get("rank")) for j in jobs] == [
+        ("a_ihc_ffa.beta=0.png", "done", 0), ("a_ihc_ffa.beta=1.png", "done", 0),
+        ("b_ihc_ffa.beta=0.png", "done", 1), ("b_ihc_ffa.beta=1.png", "skipped", None)]
+    assert existing.read_bytes() == b"finished earlier"
+    r = json.loads((inputs.tmp / "r.json").read_text())
+    assert (r["ranks"], r["jobs_done"], r["jobs_skipped"], r["images_inverted"]) == (2, 3, 1, 4)  # style on both
