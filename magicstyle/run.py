@@ -244,17 +244,9 @@ def write_index(folder: Path, settings: list, todo: list) -> None:
     write_atomic(folder / jobs.INDEX, json.dumps(data, indent=2).encode(), overwrite=True, what="index")
 
 
-def api():
-    """The pipeline's N-image API (TEMPORARY fallback to a shim until it lands on main)."""
-    if hasattr(pipeline, "inversion_key"):
-        return pipeline
-    from . import _shim
-    return _shim
-
-
 def invert(state: Run, paths: list[Path], cfg: DictConfig):
     """Encode and invert these images (CSDI, in batches of INVERT_BATCH) -> one Inversion, rows in this order."""
-    p, parts = api(), []
+    parts = []
     for i in range(0, len(paths), INVERT_BATCH):
         chunk = paths[i:i + INVERT_BATCH]
         start = time.perf_counter()
@@ -263,12 +255,12 @@ def invert(state: Run, paths: list[Path], cfg: DictConfig):
         z0 = pipeline.encode_images(state.sd, images, generator)
         state.seconds["encode"] += time.perf_counter() - start
         start, counts = time.perf_counter(), {}
-        parts.append(p.csdi(state.sd, z0, cfg, stats=counts))
+        parts.append(pipeline.csdi(state.sd, z0, cfg, stats=counts))
         state.seconds["invert"] += time.perf_counter() - start
         state.counts["unet_evals"] += counts["invert_unet_calls"]
         state.counts["unet_rows"] += counts["invert_unet_rows"]
         state.counts["images_inverted"] += len(chunk)
-    return parts[0] if len(parts) == 1 else p.Inversion.cat(parts)
+    return parts[0] if len(parts) == 1 else pipeline.Inversion.cat(parts)
 
 
 def one_line(e: Exception) -> str:
@@ -278,11 +270,11 @@ def one_line(e: Exception) -> str:
 
 def run_jobs(state: Run, todo: list[jobs.Job], settings: list[jobs.Setting], folder: Path) -> None:
     """Run the jobs: per inversion group, invert every style once, then each content once, then FFF per job."""
-    p, progress = api(), Progress(enabled=not state.quiet)  # one bar for the run: jobs done / total, ETA
+    progress = Progress(enabled=not state.quiet)  # one bar for the run: jobs done / total, ETA
     progress.begin("jobs", len(todo))
     groups: dict[str, list[jobs.Job]] = {}
     for job in todo:
-        groups.setdefault(p.inversion_key(settings[job.setting].cfg), []).append(job)
+        groups.setdefault(pipeline.inversion_key(settings[job.setting].cfg), []).append(job)
     done = 0
     for group in groups.values():
         cfg = settings[group[0].setting].cfg
@@ -300,7 +292,7 @@ def run_jobs(state: Run, todo: list[jobs.Job], settings: list[jobs.Setting], fol
             try:
                 own = styles_inv.select([styles.index(content)]) if content in styles else invert(
                     state, [content], cfg)
-                inv = p.Inversion.cat([own, styles_inv])  # row 0: the content, rows 1...: the styles
+                inv = pipeline.Inversion.cat([own, styles_inv])  # row 0: the content, rows 1...: the styles
             except Exception as e:  # noqa: BLE001
                 for job in mine:
                     job.fail(one_line(e))
@@ -320,7 +312,7 @@ def run_jobs(state: Run, todo: list[jobs.Job], settings: list[jobs.Setting], fol
 def run_job(state: Run, job: jobs.Job, cfg: DictConfig, inv, pair: tuple[int, int], folder: Path) -> None:
     """FFF for one pair of an inversion, decode, write the PNG."""
     start, counts = time.perf_counter(), {}
-    z = api().fff(state.sd, inv, cfg, pairs=[pair], stats=counts)
+    z = pipeline.fff(state.sd, inv, cfg, pairs=[pair], stats=counts)
     state.counts["unet_evals"] += counts["generate_unet_calls"]
     state.counts["unet_rows"] += counts["generate_unet_rows"]
     middle = time.perf_counter()

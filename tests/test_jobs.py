@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 
 import magicstyle.pipeline as pipeline
-import magicstyle.run as run_module
 import train_free_run
 from _tiny import ASTRONAUT, gradient, tree, write_config
 from attention import RECIPES
@@ -142,8 +141,8 @@ def stub(monkeypatch):
         seen.loads += 1
         return object()
 
-    api = SimpleNamespace(csdi=csdi, fff=fff, Inversion=Inv, inversion_key=lambda cfg: str(cfg.steps))
-    monkeypatch.setattr(run_module, "api", lambda: api)
+    for name, value in dict(csdi=csdi, fff=fff, Inversion=Inv, inversion_key=lambda cfg: str(cfg.steps)).items():
+        monkeypatch.setattr(pipeline, name, value)
     monkeypatch.setattr(pipeline, "load_model", load_model)
     monkeypatch.setattr(pipeline, "encode_images", lambda sd, images, generator=None: images.mean(1, keepdim=True))
     monkeypatch.setattr(pipeline, "decode_latents", lambda sd, z: z)
@@ -166,14 +165,14 @@ def test_each_image_is_inverted_once_per_inversion_setting(stub, inputs):
 
 def test_a_failed_job_is_recorded_and_the_others_run(stub, inputs, monkeypatch):
     (inputs.contents / "broken.jpg").write_text("not a JPEG")
-    real_fff = run_module.api().fff
+    real_fff = pipeline.fff
 
     def fff(sd, inv, cfg, pairs, **kwargs):
         if cfg.ffa.beta == 1:
             raise RuntimeError("out of memory\nsecond line")
         return real_fff(sd, inv, cfg, pairs, **kwargs)
 
-    monkeypatch.setattr(run_module.api(), "fff", fff)
+    monkeypatch.setattr(pipeline, "fff", fff)
     rc, err = quietly(["--content", inputs.contents, "--style", STYLE, "--config", inputs.config,
                        "--sweep", "ffa.beta=0,1", "--output", inputs.output])
     assert rc == 1
@@ -247,13 +246,16 @@ def test_the_readme_reproduces_the_paper_on_the_tiny_checkpoint(figure, tmp_path
     if figure.endswith("fig4") and missing:
         pytest.skip(f"recipes {missing} are not registered yet")
     config = write_config(tmp_path / "tiny.yaml", size=64, steps=1)
-    rc, err = quietly([*argv, "--config", config, "--output", tmp_path / "run"])
+    rc, err = quietly([*argv, "--config", config, "--output", tmp_path / "run", "--report", tmp_path / "r.json"])
     assert rc == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
     index = json.loads((tmp_path / "run" / "index.json").read_text())
     assert all(j["status"] == "done" for j in index["jobs"]) and (tmp_path / "run" / "grid.png").is_file()
     if figure.endswith("fig5"):  # the beta sweep plus the plain ablation: 7 columns
         assert [s["label"] for s in index["settings"]] == [f"ffa.beta={b}" for b in
                                                            ("0", "0.2", "0.4", "0.6", "0.8", "1.0")] + ["ffa.recipe=plain"]
+        # the bound: 1 inversion (2 images, 1 step) + 7 generations (1 step, both guidance rows)
+        assert r["images_inverted"] == 2 and r["unet_rows"] == 2 + 7 * 2
     else:
         assert [s["overrides"]["ffa.recipe"] for s in index["settings"]] == [
             "ffa", "styleid", "vsp", "stylealigned", "plain"]
