@@ -139,7 +139,8 @@ def validate(cfg: DictConfig) -> None:
     choice("store.dtype", tuple(DTYPES))
     choice("ffa.recipe", tuple(RECIPES))
     choice("ffa.cfg_rows", ("both", "cond"))
-    for key in ("ffa.adain_values", "ffa.adain_latents", "inversion.sample_posterior", "model.prepack"):
+    for key in ("ffa.adain_values", "ffa.adain_latents", "inversion.sample_posterior", "model.prepack",
+                "batch.cache_features"):
         check(isinstance(OmegaConf.select(cfg, key), bool), f"{key} must be true or false")
     for key in ("inversion.prompt", "generation.prompt", "generation.negative_prompt"):
         check(isinstance(OmegaConf.select(cfg, key), str), f"{key} must be a string")
@@ -169,6 +170,11 @@ def validate(cfg: DictConfig) -> None:
     check(number("face.margin") >= 0.0, "face.margin must not be negative")
     check(0.0 <= number("face.feather") <= 0.5, "face.feather must lie in [0, 0.5]")
     check(isinstance(cfg.face.detector, str) and cfg.face.detector != "", "face.detector must be a file path")
+    pairs = cfg.batch.pairs
+    check(pairs == "auto" or (isinstance(pairs, int) and not isinstance(pairs, bool) and pairs >= 1),
+          f"batch.pairs must be auto or a number of pairs >= 1, not {pairs!r}")
+    check(cfg.batch.cache is None or (isinstance(cfg.batch.cache, str) and cfg.batch.cache != ""),
+          "batch.cache must be a folder path or null")
     diagnostics_region(cfg)
 
 

@@ -22,13 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.errors import CheckpointError, MagicStyleError
 
-from . import __version__, grid, jobs, pipeline, shard
-from .images import save_png, to_image
+from . import __version__, batch, grid, jobs, pipeline, shard
+from .images import save_png
 from .output import check_writable, write_atomic
 from .progress import Progress
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-INVERT_BATCH = 4  # images per CSDI batch (a run inverts all its style images before the first job)
 
 
 def config_overrides(args) -> dict:
@@ -86,7 +85,7 @@ class Run:
     sha: str | None = None
     seconds: dict = field(default_factory=lambda: dict.fromkeys(("load", "encode", "invert", "generate", "decode"), 0.0))
     counts: dict = field(default_factory=lambda: dict(unet_evals=0, unet_rows=0, feature_store_bytes=0,
-                                                      images_inverted=0))
+                                                      images_inverted=0, images_from_cache=0))
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -115,7 +114,8 @@ class Run:
         })
 
     def report(self, extra: dict | None = None) -> dict:
-        data = {"seconds": self.seconds, **{k: v for k, v in self.counts.items() if k != "images_inverted"},
+        data = {"seconds": self.seconds,
+                **{k: v for k, v in self.counts.items() if k not in ("images_inverted", "images_from_cache")},
                 "peak_rss_bytes": peak_rss_bytes(), "device": None, "dtype": None}
         if self.sd is not None and hasattr(self.sd, "unet"):
             param = next(self.sd.unet.parameters())
@@ -204,7 +204,7 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
     try:
         if mine:
             state.load(settings[0].cfg, [s for j in mine for s in (j.content, j.style)])
-            run_jobs(state, mine, settings, folder)
+            batch.run_jobs(state, mine, settings, folder)
     except KeyboardInterrupt:
         if size == 1:  # the index lists what is finished
             write_index(folder, settings, [j for j in todo if j.status != "pending"])
@@ -226,7 +226,8 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
             for key in state.counts:
                 state.counts[key] = (max if key == "feature_store_bytes" else sum)(r[2][key] for r in results)
             extra = {"jobs": len(todo), **{f"jobs_{s}": n for s, n in counts.items()},
-                     "images_inverted": state.counts["images_inverted"], "peak_rss_bytes": max(r[3] for r in results)}
+                     "images_inverted": state.counts["images_inverted"],
+                     "images_from_cache": state.counts["images_from_cache"], "peak_rss_bytes": max(r[3] for r in results)}
             if size > 1:
                 extra["ranks"] = size
             write_atomic(report, json.dumps(state.report(extra), indent=2).encode(), overwrite=state.args.overwrite,
@@ -242,83 +243,3 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
 def write_index(folder: Path, settings: list, todo: list) -> None:
     data = jobs.index(folder.name, settings, todo)
     write_atomic(folder / jobs.INDEX, json.dumps(data, indent=2).encode(), overwrite=True, what="index")
-
-
-def invert(state: Run, paths: list[Path], cfg: DictConfig):
-    """Encode and invert these images (CSDI, in batches of INVERT_BATCH) -> one Inversion, rows in this order."""
-    parts = []
-    for i in range(0, len(paths), INVERT_BATCH):
-        chunk = paths[i:i + INVERT_BATCH]
-        start = time.perf_counter()
-        images = torch.cat([pipeline.load_image(path, cfg.size) for path in chunk])  # (n, 3, size, size)
-        generator = torch.Generator().manual_seed(cfg.seed) if cfg.inversion.sample_posterior else None
-        z0 = pipeline.encode_images(state.sd, images, generator)
-        state.seconds["encode"] += time.perf_counter() - start
-        start, counts = time.perf_counter(), {}
-        parts.append(pipeline.csdi(state.sd, z0, cfg, stats=counts))
-        state.seconds["invert"] += time.perf_counter() - start
-        state.counts["unet_evals"] += counts["invert_unet_calls"]
-        state.counts["unet_rows"] += counts["invert_unet_rows"]
-        state.counts["images_inverted"] += len(chunk)
-    return parts[0] if len(parts) == 1 else pipeline.Inversion.cat(parts)
-
-
-def one_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return text if isinstance(e, MagicStyleError) else f"{type(e).__name__}: {text}".rstrip(": ")
-
-
-def run_jobs(state: Run, todo: list[jobs.Job], settings: list[jobs.Setting], folder: Path) -> None:
-    """Run the jobs: per inversion group, invert every style once, then each content once, then FFF per job."""
-    progress = Progress(enabled=not state.quiet)  # one bar for the run: jobs done / total, ETA
-    progress.begin("jobs", len(todo))
-    groups: dict[str, list[jobs.Job]] = {}
-    for job in todo:
-        groups.setdefault(pipeline.inversion_key(settings[job.setting].cfg), []).append(job)
-    done = 0
-    for group in groups.values():
-        cfg = settings[group[0].setting].cfg
-        styles = list(dict.fromkeys(j.style.path for j in group))
-        try:
-            styles_inv = invert(state, styles, cfg)
-        except Exception as e:  # noqa: BLE001 - recorded per job; the other groups still run
-            for job in group:
-                job.fail(one_line(e))
-            done += len(group)
-            progress.update(done)
-            continue
-        for content in dict.fromkeys(j.content.path for j in group):
-            mine = [j for j in group if j.content.path == content]
-            try:
-                own = styles_inv.select([styles.index(content)]) if content in styles else invert(
-                    state, [content], cfg)
-                inv = pipeline.Inversion.cat([own, styles_inv])  # row 0: the content, rows 1...: the styles
-            except Exception as e:  # noqa: BLE001
-                for job in mine:
-                    job.fail(one_line(e))
-                done += len(mine)
-                progress.update(done)
-                continue
-            state.counts["feature_store_bytes"] = max(state.counts["feature_store_bytes"], inv.store.nbytes)
-            for job in mine:
-                try:
-                    run_job(state, job, settings[job.setting].cfg, inv, (0, 1 + styles.index(job.style.path)), folder)
-                except Exception as e:  # noqa: BLE001
-                    job.fail(one_line(e))
-                done += 1
-                progress.update(done)
-
-
-def run_job(state: Run, job: jobs.Job, cfg: DictConfig, inv, pair: tuple[int, int], folder: Path) -> None:
-    """FFF for one pair of an inversion, decode, write the PNG."""
-    start, counts = time.perf_counter(), {}
-    z = pipeline.fff(state.sd, inv, cfg, pairs=[pair], stats=counts)
-    state.counts["unet_evals"] += counts["generate_unet_calls"]
-    state.counts["unet_rows"] += counts["generate_unet_rows"]
-    middle = time.perf_counter()
-    state.seconds["generate"] += middle - start
-    image = to_image(pipeline.decode_latents(state.sd, z))
-    save_png(image, folder / job.output, state.parameters(cfg, job.content.path, job.style.path),
-             overwrite=state.args.overwrite)
-    state.seconds["decode"] += time.perf_counter() - middle
-    job.status, job.seconds = "done", time.perf_counter() - start

@@ -1,0 +1,144 @@
+"""Running many jobs with shared work: each image inverted once, many pairs per UNet call, an inversion cache on disk.
+
+For each group of settings that share an inversion (``inversion_key``): every style image of the group is inverted
+(CSDI) once and kept; the content images are inverted ``batch.pairs`` at a time; then per setting FFF runs the pairs
+of those contents with every style, ``batch.pairs`` pairs per UNet batch (``fff(..., pairs=...)``), and each result
+is decoded and written.  Memory: the features of all style images plus one batch of contents (``store.mode=
+recompute`` keeps only latents).  With ``batch.cache=DIR``, an image's inversion is read from the cache when it is
+there and written to it when it is computed.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from models.errors import MagicStyleError
+
+from . import cache, pipeline
+from .images import save_png, to_image
+from .progress import Progress
+
+INVERT_BATCH = 4  # images per CSDI batch when the styles are inverted
+AUTO_PAIRS = {"cuda": 8}  # batch.pairs=auto per device type (others: 1; the H100's UNet is launch-bound at batch 2)
+
+
+def one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, MagicStyleError) else f"{type(e).__name__}: {text}".rstrip(": ")
+
+
+def device_of(sd) -> torch.device:
+    unet = getattr(sd, "unet", None)
+    return next(unet.parameters()).device if unet is not None else torch.device("cpu")
+
+
+def pairs_per_batch(cfg: DictConfig, sd) -> int:
+    return AUTO_PAIRS.get(device_of(sd).type, 1) if cfg.batch.pairs == "auto" else cfg.batch.pairs
+
+
+def chunks(items: list, n: int) -> list[list]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def invert(run, paths: list[Path], cfg: DictConfig, batch: int = INVERT_BATCH):
+    """Encode and invert these images (CSDI, ``batch`` at a time; from the cache when there) -> one Inversion, rows
+    in the order of ``paths``."""
+    use_cache = cache.enabled(cfg)
+    parts = {}
+    for path in paths if use_cache else []:
+        if (inv := cache.load(cache.entry(path, cfg), device_of(run.sd))) is not None:
+            parts[path] = inv
+    run.counts["images_from_cache"] += len(parts)
+    for chunk in chunks([p for p in paths if p not in parts], batch):
+        inv = csdi(run, chunk, cfg)
+        for i, path in enumerate(chunk):
+            parts[path] = inv if len(chunk) == 1 else inv.select([i])
+            if use_cache:
+                cache.save(cache.entry(path, cfg), parts[path])
+        if len(chunk) == len(paths):
+            return inv  # one batch: no need to cut and merge
+    ordered = [parts[p] for p in paths]
+    return ordered[0] if len(ordered) == 1 else pipeline.Inversion.cat(ordered)
+
+
+def csdi(run, paths: list[Path], cfg: DictConfig):
+    """Encode and invert one batch of images, counting the time and UNet work."""
+    start = time.perf_counter()
+    images = torch.cat([pipeline.load_image(path, cfg.size) for path in paths])  # (n, 3, size, size)
+    generator = torch.Generator().manual_seed(cfg.seed) if cfg.inversion.sample_posterior else None
+    z0 = pipeline.encode_images(run.sd, images, generator)
+    run.seconds["encode"] += time.perf_counter() - start
+    start, counts = time.perf_counter(), {}
+    inv = pipeline.csdi(run.sd, z0, cfg, stats=counts)
+    run.seconds["invert"] += time.perf_counter() - start
+    run.counts["unet_evals"] += counts["invert_unet_calls"]
+    run.counts["unet_rows"] += counts["invert_unet_rows"]
+    run.counts["images_inverted"] += len(paths)
+    return inv
+
+
+def run_jobs(run, todo: list, settings: list, folder: Path) -> None:
+    """Run the jobs (``magicstyle.jobs.Job``); a failure is recorded on the jobs it concerns, the rest go on."""
+    progress = Progress(enabled=not run.quiet)  # one bar for the run: jobs done / total, ETA
+    progress.begin("jobs", len(todo))
+    finished = 0
+
+    def fail(jobs: list, e: Exception) -> None:
+        nonlocal finished
+        for job in jobs:
+            job.fail(one_line(e))
+        finished += len(jobs)
+        progress.update(finished)
+
+    groups: dict[str, list] = {}
+    for job in todo:
+        groups.setdefault(pipeline.inversion_key(settings[job.setting].cfg), []).append(job)
+    for group in groups.values():
+        cfg = settings[group[0].setting].cfg
+        styles = list(dict.fromkeys(j.style.path for j in group))
+        try:
+            styles_inv = invert(run, styles, cfg)
+        except Exception as e:  # noqa: BLE001 - recorded per job; the other groups still run
+            fail(group, e)
+            continue
+        k = pairs_per_batch(cfg, run.sd)
+        for contents in chunks(list(dict.fromkeys(j.content.path for j in group)), k):
+            mine = [j for j in group if j.content.path in contents]
+            fresh = [c for c in contents if c not in styles]  # a content that is also a style is inverted once
+            try:
+                inv = pipeline.Inversion.cat([invert(run, fresh, cfg, k), styles_inv]) if fresh else styles_inv
+            except Exception as e:  # noqa: BLE001
+                fail(mine, e)
+                continue
+            row = {**{s: len(fresh) + i for i, s in enumerate(styles)}, **{c: i for i, c in enumerate(fresh)}}
+            run.counts["feature_store_bytes"] = max(run.counts["feature_store_bytes"], inv.store.nbytes)
+            for setting in dict.fromkeys(j.setting for j in mine):
+                for batch in chunks([j for j in mine if j.setting == setting], k):
+                    try:
+                        run_batch(run, batch, settings[setting].cfg, inv, row, folder)
+                    except Exception as e:  # noqa: BLE001
+                        fail(batch, e)
+                        continue
+                    finished += len(batch)
+                    progress.update(finished)
+
+
+def run_batch(run, batch: list, cfg: DictConfig, inv, row: dict, folder: Path) -> None:
+    """FFF for these jobs' pairs in one UNet batch, decode, write one PNG each."""
+    start, counts = time.perf_counter(), {}
+    pairs = [(row[j.content.path], row[j.style.path]) for j in batch]
+    z = pipeline.fff(run.sd, inv, cfg, pairs=pairs, stats=counts)  # (P, 4, h, w)
+    run.counts["unet_evals"] += counts["generate_unet_calls"]
+    run.counts["unet_rows"] += counts["generate_unet_rows"]
+    middle = time.perf_counter()
+    run.seconds["generate"] += middle - start
+    images = pipeline.decode_latents(run.sd, z)
+    for i, job in enumerate(batch):
+        save_png(to_image(images[i:i + 1]), folder / job.output, run.parameters(cfg, job.content.path, job.style.path),
+                 overwrite=run.args.overwrite)
+    run.seconds["decode"] += time.perf_counter() - middle
+    for job in batch:
+        job.status, job.seconds = "done", (time.perf_counter() - start) / len(batch)
