@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report", help="write a JSON report (seconds per phase, UNet evaluations, memory, jobs) here")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output / --report; with several jobs, redo jobs whose output exists")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also write NAME.attention.json and NAME.attention.png beside each output: the share of "
+                        "attention on style tokens per layer and step (diagnostics.region=x0,y0,x1,y1 for a region)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. ffa.layers=all")
     args = p.parse_intermixed_args(argv)

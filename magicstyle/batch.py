@@ -54,12 +54,11 @@ def invert(run, paths: list[Path], cfg: DictConfig, batch: int = INVERT_BATCH):
     run.counts["images_from_cache"] += len(parts)
     for chunk in chunks([p for p in paths if p not in parts], batch):
         inv = csdi(run, chunk, cfg)
-        for i, path in enumerate(chunk):
-            parts[path] = inv if len(chunk) == 1 else inv.select([i])
-            if use_cache:
-                cache.save(cache.entry(path, cfg), parts[path])
+        for i, path in enumerate(chunk if use_cache else []):
+            cache.save(cache.entry(path, cfg), inv if len(chunk) == 1 else inv.select([i]))
         if len(chunk) == len(paths):
             return inv  # one batch: no need to cut and merge
+        parts.update((path, inv if len(chunk) == 1 else inv.select([i])) for i, path in enumerate(chunk))
     ordered = [parts[p] for p in paths]
     return ordered[0] if len(ordered) == 1 else pipeline.Inversion.cat(ordered)
 
@@ -72,7 +71,7 @@ def csdi(run, paths: list[Path], cfg: DictConfig):
     z0 = pipeline.encode_images(run.sd, images, generator)
     run.seconds["encode"] += time.perf_counter() - start
     start, counts = time.perf_counter(), {}
-    inv = pipeline.csdi(run.sd, z0, cfg, stats=counts)
+    inv = pipeline.csdi(run.sd, z0, cfg, progress=run.phases, stats=counts)
     run.seconds["invert"] += time.perf_counter() - start
     run.counts["unet_evals"] += counts["invert_unet_calls"]
     run.counts["unet_rows"] += counts["invert_unet_rows"]
@@ -80,14 +79,18 @@ def csdi(run, paths: list[Path], cfg: DictConfig):
     return inv
 
 
-def run_jobs(run, todo: list, settings: list, folder: Path) -> None:
-    """Run the jobs (``magicstyle.jobs.Job``); a failure is recorded on the jobs it concerns, the rest go on."""
-    progress = Progress(enabled=not run.quiet)  # one bar for the run: jobs done / total, ETA
+def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = False) -> None:
+    """Run the jobs (``magicstyle.jobs.Job``); a failure is recorded on the jobs it concerns and the rest go on
+    (``strict``: the error is raised instead, as a run of one job wants)."""
+    progress = Progress(enabled=not run.quiet and len(todo) > 1)  # one bar for the run: jobs done / total, ETA
     progress.begin("jobs", len(todo))
+    run.phases = Progress(enabled=not run.quiet) if len(todo) == 1 else None  # one job: a bar per phase
     finished = 0
 
     def fail(jobs: list, e: Exception) -> None:
         nonlocal finished
+        if strict:
+            raise e
         for job in jobs:
             job.fail(one_line(e))
         finished += len(jobs)
@@ -98,22 +101,26 @@ def run_jobs(run, todo: list, settings: list, folder: Path) -> None:
         groups.setdefault(pipeline.inversion_key(settings[job.setting].cfg), []).append(job)
     for group in groups.values():
         cfg = settings[group[0].setting].cfg
+        contents = list(dict.fromkeys(j.content.path for j in group))
         styles = list(dict.fromkeys(j.style.path for j in group))
+        images = list(dict.fromkeys(contents + styles))
+        together = len(images) <= INVERT_BATCH  # a small run: all its images in one CSDI batch
+        known = images if together else styles  # kept for the whole group; contents otherwise k at a time
         try:
-            styles_inv = invert(run, styles, cfg)
+            kept = invert(run, known, cfg)
         except Exception as e:  # noqa: BLE001 - recorded per job; the other groups still run
             fail(group, e)
             continue
         k = pairs_per_batch(cfg, run.sd)
-        for contents in chunks(list(dict.fromkeys(j.content.path for j in group)), k):
-            mine = [j for j in group if j.content.path in contents]
-            fresh = [c for c in contents if c not in styles]  # a content that is also a style is inverted once
+        for chunk in [contents] if together else chunks(contents, k):
+            mine = [j for j in group if j.content.path in chunk]
+            fresh = [c for c in chunk if c not in known]  # a content that is also a style is inverted once
             try:
-                inv = pipeline.Inversion.cat([invert(run, fresh, cfg, k), styles_inv]) if fresh else styles_inv
+                inv = pipeline.Inversion.cat([invert(run, fresh, cfg, k), kept]) if fresh else kept
             except Exception as e:  # noqa: BLE001
                 fail(mine, e)
                 continue
-            row = {**{s: len(fresh) + i for i, s in enumerate(styles)}, **{c: i for i, c in enumerate(fresh)}}
+            row = {**{p: len(fresh) + i for i, p in enumerate(known)}, **{c: i for i, c in enumerate(fresh)}}
             run.counts["feature_store_bytes"] = max(run.counts["feature_store_bytes"], inv.store.nbytes)
             for setting in dict.fromkeys(j.setting for j in mine):
                 for batch in chunks([j for j in mine if j.setting == setting], k):
@@ -127,16 +134,23 @@ def run_jobs(run, todo: list, settings: list, folder: Path) -> None:
 
 
 def run_batch(run, batch: list, cfg: DictConfig, inv, row: dict, folder: Path) -> None:
-    """FFF for these jobs' pairs in one UNet batch, decode, write one PNG each."""
+    """FFF for these jobs' pairs in one UNet batch, decode, write one PNG each (and its attention diagnostics first,
+    with ``--diagnostics``: a PNG that exists has them, so a resumed run needs nothing else)."""
+    diagnostics = None
+    if run.args.diagnostics:
+        from .diagnostics import AttentionDiagnostics, write_diagnostics
+        diagnostics = AttentionDiagnostics.from_config(cfg)
     start, counts = time.perf_counter(), {}
     pairs = [(row[j.content.path], row[j.style.path]) for j in batch]
-    z = pipeline.fff(run.sd, inv, cfg, pairs=pairs, stats=counts)  # (P, 4, h, w)
+    z = pipeline.fff(run.sd, inv, cfg, pairs=pairs, diagnostics=diagnostics, progress=run.phases, stats=counts)
     run.counts["unet_evals"] += counts["generate_unet_calls"]
     run.counts["unet_rows"] += counts["generate_unet_rows"]
     middle = time.perf_counter()
     run.seconds["generate"] += middle - start
     images = pipeline.decode_latents(run.sd, z)
     for i, job in enumerate(batch):
+        if diagnostics is not None:
+            write_diagnostics(diagnostics, folder / job.output, i, overwrite=run.overwrite_extras)
         save_png(to_image(images[i:i + 1]), folder / job.output, run.parameters(cfg, job.content.path, job.style.path),
                  overwrite=run.args.overwrite)
     run.seconds["decode"] += time.perf_counter() - middle

@@ -1,7 +1,7 @@
 """A run of the command line (``train_free_run.py`` parses the arguments, ``run`` does the rest).
 
 Everything the user gave is checked first (configuration of every setting, images, output paths, weights), before
-the model is loaded.  One job (one content, one style, one setting) writes one PNG, as ``stylize`` does.  Several
+the model is loaded.  One job (one content, one style, one setting) writes one PNG.  Several
 jobs write a run folder: one PNG per job, ``index.json`` and ``grid.png``.  Jobs share work: each image is encoded
 and inverted (CSDI) once per run, or once per group of settings that change the inversion (``inversion_key``); FFF
 runs once per job.  A job whose PNG exists is skipped (resume) unless ``--overwrite``; a job that fails is recorded
@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from models.errors import CheckpointError, MagicStyleError
 
 from . import __version__, batch, grid, jobs, pipeline, shard
-from .images import save_png
 from .output import check_writable, write_atomic
 from .progress import Progress
 
@@ -83,6 +82,8 @@ class Run:
     quiet: bool
     sd: object = None
     sha: str | None = None
+    overwrite_extras: bool = False  # diagnostics beside a job's PNG: replaced in a run folder, else only --overwrite
+    phases: Progress | None = None  # per-phase bars (a run of one job)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(("load", "encode", "invert", "generate", "decode"), 0.0))
     counts: dict = field(default_factory=lambda: dict(unet_evals=0, unet_rows=0, feature_store_bytes=0,
                                                       images_inverted=0, images_from_cache=0))
@@ -143,6 +144,7 @@ def _run(args) -> int:
     jobs.load_settings(settings, args.config, config_overrides(args), args.overrides)
     contents, styles = jobs.find_images(args.content, "content"), jobs.find_images(args.style, "style")
     many = len(contents) * len(styles) * len(settings) > 1
+    diagnostics = (".attention.json", ".attention.png") if args.diagnostics else ()
     if many:
         name = "_".join([jobs.run_name(args.content), jobs.run_name(args.style),
                          *[s.split("=", 1)[0] for s in args.sweep]])
@@ -151,7 +153,8 @@ def _run(args) -> int:
         check_writable(output / jobs.INDEX, overwrite=True, what="--output")
     else:
         output = Path(args.output) if args.output else default_output(contents[0].path, styles[0].path)
-        check_writable(output, overwrite=args.overwrite, what="--output")
+        for path in [output, *(output.with_suffix(ext) for ext in diagnostics)]:
+            check_writable(path, overwrite=args.overwrite, what="--output" if path == output else "diagnostics")
     report = Path(args.report) if args.report else None
     if report is not None:
         check_writable(report, overwrite=args.overwrite, what="--report")
@@ -166,20 +169,22 @@ def _run(args) -> int:
 
     # 2. The jobs, 3. outputs (each written atomically).
     if not many:
-        state.load(cfg, [contents[0], styles[0]])
-        stats: dict = {}
-        image = pipeline.stylize(contents[0].path, styles[0].path, cfg, sd=state.sd,
-                                 progress=Progress(enabled=not args.quiet), stats=stats)
-        save_png(image, output, state.parameters(cfg, contents[0].path, styles[0].path), overwrite=args.overwrite)
-        if report is not None:
-            state.seconds.update(stats["seconds"])
-            state.counts.update({k: stats[k] for k in ("unet_evals", "unet_rows", "feature_store_bytes")})
-            write_atomic(report, json.dumps(state.report(), indent=2).encode(), overwrite=args.overwrite,
-                         what="--report")
-        state.log(f"wrote {output}")
-        return 0
-
+        return run_one(state, contents[0], styles[0], settings, output, report)
     return run_many(state, contents, styles, settings, output, report)
+
+
+def run_one(state: Run, content: jobs.Source, style: jobs.Source, settings: list, output: Path,
+            report: Path | None) -> int:
+    """One job: its PNG at ``output`` (checked, not existing unless --overwrite); an error stops the run."""
+    job = jobs.Job(content, style, 0, output.name)
+    state.load(settings[0].cfg, [content, style])
+    state.overwrite_extras = state.args.overwrite
+    batch.run_jobs(state, [job], settings, output.parent, strict=True)
+    if report is not None:
+        write_atomic(report, json.dumps(state.report(), indent=2).encode(), overwrite=state.args.overwrite,
+                     what="--report")
+    state.log(f"wrote {output}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -201,6 +206,7 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
               + (f"; {skipped} skipped, their output exists (--overwrite redoes them)" if skipped else "")
               + (f"; {size} ranks" if size > 1 else ""))
     mine = shard.share([j for j in todo if j.status == "pending"], len(contents), len(styles))
+    state.overwrite_extras = True  # the run folder's own files
     try:
         if mine:
             state.load(settings[0].cfg, [s for j in mine for s in (j.content, j.style)])
@@ -221,7 +227,7 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
         write_index(folder, settings, todo)
         write_atomic(folder / jobs.GRID, grid.png_bytes(todo, settings, folder), overwrite=True, what="grid")
         if report is not None:
-            for key in state.seconds:
+            for key in state.seconds:  # summed over the ranks
                 state.seconds[key] = sum(r[1][key] for r in results)
             for key in state.counts:
                 state.counts[key] = (max if key == "feature_store_bytes" else sum)(r[2][key] for r in results)

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -192,19 +193,28 @@ def argv(t, *extra, content=None, style=None, config=None, output=None, quiet=Tr
 
 @pytest.fixture
 def fake_model(monkeypatch):
-    """The model replaced by a stub: records the config the pipeline gets and returns a flat image."""
+    """The model replaced by a stub: records the config FFF gets and gives a flat image."""
     seen = {}
 
     def load_model(cfg):
         seen["load"] = cfg
         return object()
 
-    def stylize(content, style, cfg, **kwargs):
+    def csdi(sd, z0, cfg, *, progress=None, stats=None):
+        stats.update(invert_unet_calls=0, invert_unet_rows=0)
+        return SimpleNamespace(store=SimpleNamespace(nbytes=0))
+
+    def fff(sd, inversion, cfg, pairs, *, diagnostics=None, progress=None, stats=None):
         seen["cfg"] = cfg
-        return Image.new("RGB", (cfg.size, cfg.size), (10, 20, 30))
+        stats.update(generate_unet_calls=0, generate_unet_rows=0)
+        return torch.zeros(len(pairs), 4, cfg.size // 8, cfg.size // 8)
 
     monkeypatch.setattr(pipeline, "load_model", load_model)
-    monkeypatch.setattr(pipeline, "stylize", stylize)
+    monkeypatch.setattr(pipeline, "encode_images", lambda sd, images, generator=None: images)
+    monkeypatch.setattr(pipeline, "csdi", csdi)
+    monkeypatch.setattr(pipeline, "fff", fff)
+    flat = lambda sd, z: torch.full((len(z), 3, 8 * z.shape[2], 8 * z.shape[3]), -0.9)  # noqa: E731
+    monkeypatch.setattr(pipeline, "decode_latents", flat)
     return seen
 
 
@@ -215,7 +225,7 @@ def no_model(monkeypatch):
         raise AssertionError("the model was loaded before the inputs were checked")
 
     monkeypatch.setattr(pipeline, "load_model", load_model)
-    monkeypatch.setattr(pipeline, "stylize", lambda *a, **k: pytest.fail("stylize ran"))
+    monkeypatch.setattr(pipeline, "csdi", lambda *a, **k: pytest.fail("the run started"))
 
 
 def test_default_output_name(fake_model, inputs, monkeypatch, capsys):
@@ -325,7 +335,7 @@ def test_errors(case, inputs, monkeypatch, capsys, request):
     if name == "default weights absent" and DEFAULT_WEIGHTS.exists():
         pytest.skip("the default weights are installed")
     if real:  # the loader itself must refuse the file
-        monkeypatch.setattr(pipeline, "stylize", lambda *a, **k: pytest.fail("stylize ran"))
+        monkeypatch.setattr(pipeline, "csdi", lambda *a, **k: pytest.fail("the run started"))
     else:
         request.getfixturevalue("no_model")
     args = make(inputs)
@@ -369,7 +379,7 @@ def test_overrides_may_be_interleaved_with_options(fake_model, inputs):
 
 def test_a_broken_checkpoint_with_non_square_images_prints_one_line(inputs, monkeypatch, capsys):
     """The resize notes come only once the model has loaded: a bad checkpoint is one line, not notes + error."""
-    monkeypatch.setattr(pipeline, "stylize", lambda *a, **k: pytest.fail("stylize ran"))
+    monkeypatch.setattr(pipeline, "csdi", lambda *a, **k: pytest.fail("the run started"))
     assert cli(argv(inputs, "--weights", corrupt_weights(inputs), quiet=False)) == 2  # 80x64 and 64x80 inputs
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "corrupt.safetensors" in err, err

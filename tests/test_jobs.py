@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+import magicstyle.batch as batch_module
 import magicstyle.pipeline as pipeline
 import train_free_run
 from _tiny import gradient, tree, write_config
@@ -150,7 +151,11 @@ def stub(monkeypatch):
     return seen
 
 
-def test_each_image_is_inverted_once_per_inversion_setting(stub, inputs):
+@pytest.mark.parametrize("batches", [1, 2])
+def test_each_image_is_inverted_once_per_inversion_setting(batches, stub, inputs, monkeypatch):
+    """All 3 images in one CSDI batch, or (a run with more images than INVERT_BATCH) the styles first and then the
+    contents one at a time: either way each image once per value of steps."""
+    monkeypatch.setattr(batch_module, "INVERT_BATCH", 4 if batches == 1 else 2)
     report = inputs.tmp / "report.json"
     rc, err = quietly(["--content", inputs.contents, "--style", STYLE, inputs.contents / "a.png",
                        "--config", inputs.config, "--sweep", "steps=2,3", "--sweep", "ffa.beta=0,1",
@@ -160,7 +165,7 @@ def test_each_image_is_inverted_once_per_inversion_setting(stub, inputs):
     assert len(stub.pairs) == 16 and len(stub.inverted) == len(set(stub.inverted)) == 6
     r = json.loads(report.read_text())
     assert (r["jobs"], r["jobs_done"], r["jobs_skipped"], r["jobs_failed"], r["images_inverted"]) == (16, 16, 0, 0, 6)
-    assert r["unet_evals"] == 2 * (2 + 3) + 4 * 2 * (2 + 3)  # two inversion batches per steps value, 16 FFF runs
+    assert r["unet_evals"] == batches * (2 + 3) + 4 * 2 * (2 + 3)  # CSDI batches per steps value, 16 FFF runs
     assert sorted({p[2] for p in stub.pairs}) == [0.0, 1.0] and stub.loads == 1
 
 
