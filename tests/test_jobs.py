@@ -373,3 +373,36 @@ def _write_many(path, inv):
 
 def inputs_image(tmp_path):
     return gradient(tmp_path / "c.png", (64, 64))
+
+
+def test_diagnostics_are_written_beside_each_output_and_change_no_pixel(inputs):
+    pytest.importorskip("magicstyle.diagnostics")
+    content = inputs.contents / "a.png"
+    plain_run = inputs.tmp / "plain.png"
+    rc, err = quietly(["--content", content, "--style", STYLE, "--config", inputs.config, "--output", plain_run])
+    assert rc == 0, err
+    one = inputs.tmp / "one.png"
+    rc, err = quietly(["--content", content, "--style", STYLE, "--config", inputs.config, "--output", one,
+                       "--diagnostics"])
+    assert rc == 0, err
+    assert np.abs(pngs_of([one])[0] - pngs_of([plain_run])[0]).max() <= 1  # diagnostics do not change the image
+    record = json.loads((inputs.tmp / "one.attention.json").read_text())
+    shares = [v for row in record["style_share"] for v in row]
+    assert len(shares) == len(record["layers"]) * 2 and all(0 <= v <= 1 for v in shares)
+    assert (inputs.tmp / "one.attention.png").is_file()
+
+    rc, err = quietly(["--content", content, "--style", STYLE, "--config", inputs.config, "--output", inputs.output,
+                       "--sweep", "ffa.recipe=ffa,plain", "--diagnostics"])
+    assert rc == 0, err
+    for name in ("a_ihc_ffa.recipe=ffa", "a_ihc_ffa.recipe=plain"):
+        assert {(inputs.output / f"{name}{ext}").is_file() for ext in (".png", ".attention.json", ".attention.png")} == {True}
+    plain = json.loads((inputs.output / "a_ihc_ffa.recipe=plain.attention.json").read_text())
+    assert all(v is None for row in plain["style_share"] for v in row)  # plain attention has no style tokens
+
+
+def pngs_of(paths) -> list:
+    out = []
+    for p in paths:
+        with Image.open(p) as img:
+            out.append(np.asarray(img.convert("RGB")).astype(int))
+    return out
