@@ -176,6 +176,8 @@ def _run(args) -> int:
 def run_one(state: Run, content: jobs.Source, style: jobs.Source, settings: list, output: Path,
             report: Path | None) -> int:
     """One job: its PNG at ``output`` (checked, not existing unless --overwrite); an error stops the run."""
+    if shard.world()[0] > 0:  # under torchrun, one job is rank 0's
+        return 0
     job = jobs.Job(content, style, 0, output.name)
     state.load(settings[0].cfg, [content, style])
     state.overwrite_extras = state.args.overwrite
@@ -215,6 +217,9 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
         if size == 1:  # the index lists what is finished
             write_index(folder, settings, [j for j in todo if j.status != "pending"])
         raise
+    if size > 1 and not state.args.quiet:  # a line per rank in the log; rank 0 also draws the run's bar
+        print(f"rank {rank}: {sum(j.status == 'done' for j in mine)} jobs done, "
+              f"{sum(j.status == 'failed' for j in mine)} failed, of {len(mine)}", file=sys.stderr)
     results = shard.gather(({j.output: (j.status, j.error, j.seconds) for j in mine}, state.seconds, state.counts,
                             peak_rss_bytes()))
     for r, (done, *_) in enumerate(results):
