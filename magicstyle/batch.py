@@ -1,11 +1,11 @@
 """Running many jobs with shared work: each image inverted once, many pairs per UNet call, an inversion cache on disk.
 
-For each group of settings that share an inversion (``inversion_key``): every style image of the group is inverted
-(CSDI) once and kept; the content images are inverted ``batch.pairs`` at a time; then per setting FFF runs the pairs
-of those contents with every style, ``batch.pairs`` pairs per UNet batch (``fff(..., pairs=...)``), and each result
-is decoded and written.  Memory: the features of all style images plus one batch of contents (``store.mode=
-recompute`` keeps only latents).  With ``batch.cache=DIR``, an image's inversion is read from the cache when it is
-there and written to it when it is computed.
+For each group of settings that share an inversion (``inversion_key``): a group of at most ``INVERT_BATCH`` images
+is inverted (CSDI) in one batch; a larger one inverts every style image once and keeps it, and the content images
+``batch.pairs`` at a time.  Then per setting FFF runs the pairs of those contents with every style, ``batch.pairs``
+pairs per UNet batch (``fff(..., pairs=...)``), and each result is decoded and written.  Memory: the features of all
+style images plus one batch of contents (``store.mode=recompute`` keeps only latents).  With ``batch.cache=DIR``, an
+image's inversion is read from the cache when it is there and written to it when it is computed.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from . import cache, pipeline
 from .images import save_png, to_image
 from .progress import Progress
 
-INVERT_BATCH = 4  # images per CSDI batch when the styles are inverted
+INVERT_BATCH = 4  # images per CSDI batch (a group with no more images is inverted in one batch)
 AUTO_PAIRS = {"cuda": 8}  # batch.pairs=auto per device type (others: 1; the H100's UNet is launch-bound at batch 2)
 
 

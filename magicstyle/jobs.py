@@ -4,7 +4,8 @@
 
 gives 2 x len(dir) pairs x 4 settings.  This module turns the command line into that plan: the input images (files
 or folders), the settings (the Cartesian product of the sweeps, plus any ``--setting``), one ``Job`` per (pair,
-setting) with its output file name, and the run folder's ``index.json``.  ``magicstyle.run`` executes the plan.
+setting) with its output file name, and the run folder's ``index.json``.  ``magicstyle.run`` checks the plan and
+``magicstyle.batch`` runs it.
 """
 from __future__ import annotations
 
