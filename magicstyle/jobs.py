@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from PIL import Image
 
 from .config import ConfigError, load_config
 from .images import ImageError, open_rgb
@@ -217,6 +218,31 @@ def make_jobs(contents: list[Source], styles: list[Source], settings: list[Setti
         if c.error or s.error:
             jobs[-1].fail(c.error or s.error)
     return jobs
+
+
+UNCOMPARED = ("batch", "diagnostics")  # config sections that do not change a job's image
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_resumable(path: Path, cfg: DictConfig) -> None:
+    """An existing output is skipped only when it is this job's: same configuration in its ``parameters`` chunk
+    (``OutputError`` otherwise, so that a changed option never leaves old images in a new run)."""
+    try:
+        with Image.open(path) as img:
+            made = flat(json.loads(img.text["parameters"])["config"])
+    except Exception:  # noqa: BLE001 - not a PNG, or not ours
+        raise OutputError(f"{path} exists and is not a MagicStyle output; move it, or choose another --output") from None
+    want = flat(OmegaConf.to_container(cfg, resolve=True))
+    keys = [k for k in sorted(made.keys() | want.keys()) if k.split(".")[0] not in UNCOMPARED]
+    if diff := next((k for k in keys if made.get(k) != want.get(k)), None):
+        raise OutputError(f"{path} exists but was made with {diff}={made.get(diff)!r}, not {want.get(diff)!r}; pass "
+                          "--overwrite to redo the run's jobs, or choose another --output")
 
 
 def check_run_folder(folder: Path) -> None:

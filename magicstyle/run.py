@@ -200,7 +200,11 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
     shard.start(settings[0].cfg.model.device)
     state.quiet = state.quiet or rank > 0
     todo = jobs.make_jobs(contents, styles, settings)
-    exists = shard.agree([(folder / j.output).exists() and not state.args.overwrite for j in todo])
+    exists = [(folder / j.output).exists() and not state.args.overwrite for j in todo]
+    for job, skip in zip(todo, exists):  # on every rank: an error stops them all before anything is written
+        if skip:
+            jobs.check_resumable(folder / job.output, settings[job.setting].cfg)
+    exists = shard.agree(exists)  # rank 0's view: what another rank writes later does not count
     for job, skip in zip(todo, exists):
         job.status = "skipped" if skip and job.status == "pending" else job.status
     skipped = sum(j.status == "skipped" for j in todo)

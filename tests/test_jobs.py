@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 import magicstyle.batch as batch_module
@@ -28,7 +29,8 @@ import train_free_run
 from _tiny import gradient, tree, write_config
 from attention import RECIPES
 from conftest import ROOT
-from magicstyle import cache
+from magicstyle import cache, load_config
+from magicstyle.images import save_png
 from magicstyle.jobs import INDEX_FORMAT, make_settings, split_values
 
 STYLE = ROOT / "examples" / "ihc.png"
@@ -194,7 +196,7 @@ def test_a_failed_job_is_recorded_and_the_others_run(stub, inputs, monkeypatch):
 # -------------------------------------------------------------------------------------------- real runs (tiny)
 
 
-def test_a_sweep_writes_a_run_folder_and_a_second_run_resumes(inputs, monkeypatch):
+def test_a_sweep_writes_a_run_folder_and_a_second_run_resumes(inputs, monkeypatch, capsys):
     """The issue's test: 2 contents x 1 style x 2 settings -> 4 images, index.json, grid.png, 3 images inverted."""
     argv = ["--content", inputs.contents, "--style", STYLE, "--config", inputs.config,
             "--sweep", "ffa.beta=0.2,0.8", "--output", inputs.output]
@@ -229,6 +231,12 @@ def test_a_sweep_writes_a_run_folder_and_a_second_run_resumes(inputs, monkeypatc
     assert (r["jobs_done"], r["jobs_skipped"], r["unet_evals"], r["images_inverted"]) == (0, 4, 0, 0)
     assert {p.name: p.read_bytes() for p in inputs.output.glob("*.png") if p.name != "grid.png"} == before
     assert [j["status"] for j in json.loads((inputs.output / "index.json").read_text())["jobs"]] == ["skipped"] * 4
+
+    # Another option into the same folder: the old images are not passed off as the new run's.
+    assert cli([*argv, "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "a_ihc_ffa.beta=0.2.png" in err and "steps=2" in err, err
+    assert "--overwrite" in err
 
 
 def readme_commands() -> dict[str, list[str]]:
@@ -270,9 +278,9 @@ def test_the_readme_reproduces_the_paper_on_the_tiny_checkpoint(figure, tmp_path
 def test_torchrun_shards_the_jobs_over_two_ranks(inputs):
     """2 processes, gloo on the CPU: every pending job runs exactly once, on the rank of its content image; an
     output that exists (a job finished before a rank died) is skipped, not redone."""
-    inputs.output.mkdir()
+    cfg = OmegaConf.to_container(load_config(inputs.config, None, ["ffa.beta=1", "ffa.alpha=0.0"]), resolve=True)
     existing = inputs.output / "b_ihc_ffa.beta=1.png"
-    existing.write_bytes(b"finished earlier")
+    save_png(Image.new("RGB", (64, 64)), existing, json.dumps({"config": cfg}))  # as if a rank had finished it
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_free_run.py",
@@ -284,7 +292,7 @@ def test_torchrun_shards_the_jobs_over_two_ranks(inputs):
     assert [(j["output"], j["status"], j.get("rank")) for j in jobs] == [
         ("a_ihc_ffa.beta=0.png", "done", 0), ("a_ihc_ffa.beta=1.png", "done", 0),
         ("b_ihc_ffa.beta=0.png", "done", 1), ("b_ihc_ffa.beta=1.png", "skipped", None)]
-    assert existing.read_bytes() == b"finished earlier"
+    assert pngs_of([existing])[0].max() == 0  # not redone
     r = json.loads((inputs.tmp / "r.json").read_text())
     assert (r["ranks"], r["jobs_done"], r["jobs_skipped"], r["images_inverted"]) == (2, 3, 1, 4)  # style on both
 
