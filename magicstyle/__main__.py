@@ -3,4 +3,5 @@ import sys
 
 from train_free_run import main
 
+sys.argv[0] = "magicstyle"  # the program name in --help and usage messages
 sys.exit(main())
