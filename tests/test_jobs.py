@@ -273,6 +273,7 @@ def test_the_readme_reproduces_the_paper_on_the_tiny_checkpoint(figure, tmp_path
     else:
         assert [s["overrides"]["ffa.recipe"] for s in index["settings"]] == [
             "ffa", "styleid", "vsp", "stylealigned", "plain"]
+        assert r["images_inverted"] == 4 and r["jobs_done"] == 20  # 2 portraits x 2 styles x 5 recipes
 
 
 def test_torchrun_shards_the_jobs_over_two_ranks(inputs):
