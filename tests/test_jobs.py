@@ -415,3 +415,19 @@ def pngs_of(paths) -> list:
         with Image.open(p) as img:
             out.append(np.asarray(img.convert("RGB")).astype(int))
     return out
+
+
+def test_grid_labels_fit_their_columns_and_large_runs_say_what_is_left_out(tmp_path, monkeypatch):
+    from magicstyle import grid
+    monkeypatch.setattr(grid, "MAX_ROWS", 2)
+    image = gradient(tmp_path / "g.png", (64, 64))
+    f = grid.font()
+    assert f.size >= 14
+    label = "ffa.beta=0.2, ffa.recipe=stylealigned, generation.prompt=a watercolour portrait, ffa.layers=[output_blocks.6]"
+    lines = grid.wrap(label, grid.CELL, f)
+    assert len(lines) > 1 and all(f.getlength(line) <= grid.CELL for line in lines)
+    assert "".join(lines).replace(" ", "") == label.replace(" ", "")  # nothing lost
+    rows = [(image, image)] * (grid.MAX_ROWS + 3)
+    sheet = grid.render([label, "x"], rows, [[(None, "failed"), (image, "")]] * len(rows))
+    header = grid.PAD + (grid.FONT_SIZE + 4) * len(lines) + grid.PAD
+    assert sheet.height == header + grid.MAX_ROWS * (grid.CELL + grid.PAD) + grid.FONT_SIZE + 4 + grid.PAD
