@@ -25,18 +25,21 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--content", required=True, nargs="+", metavar="PATH",
-                   help="the portrait(s) to stylize: image files or folders of images")
-    p.add_argument("--style", required=True, nargs="+", metavar="PATH",
-                   help="the style reference image(s): image files or folders of images")
+    p.add_argument("--content", nargs="+", metavar="PATH",
+                   help="the portrait(s) to stylize: image files or folders of images (required)")
+    p.add_argument("--style", nargs="+", metavar="PATH",
+                   help="the style reference image(s): image files or folders of images (required)")
     p.add_argument("--output", help="output PNG for one job (default: outputs/<content>_<style>.png); with several "
                                     "jobs a folder (default: outputs/<run name>/)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="run every value of a config key (repeatable: the Cartesian product), e.g. ffa.beta=0,0.5,1")
     p.add_argument("--setting", action="append", default=[], metavar="'KEY=V ...'",
                    help="one more setting beside the sweep (repeatable), e.g. --setting ffa.recipe=plain")
-    p.add_argument("--weights", help="SD1.5 .safetensors checkpoint (default: model.weights, see weights/README.md)")
-    p.add_argument("--vae", help="a separate VAE .safetensors file")
+    p.add_argument("--weights", help="SD1.5 .safetensors checkpoint: a path or hf:OWNER/REPO/FILE.safetensors[@REV] "
+                                     "(default: model.weights, see weights/README.md)")
+    p.add_argument("--vae", help="a separate VAE .safetensors file, path or hf:...; none: the checkpoint's own")
+    p.add_argument("--download-only", action="store_true",
+                   help="fetch the model files the configuration names into the Hugging Face cache, print where, exit")
     p.add_argument("--config", help="a YAML file overriding configs/magicstyle.yaml")
     p.add_argument("--size", type=int, help="image size, a multiple of 64 (default 512)")
     p.add_argument("--steps", type=int, help="DDIM steps for inversion and generation (default 30)")
@@ -54,8 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. ffa.layers=all")
     args = p.parse_intermixed_args(argv)
+    missing = [f"--{name}" for name in ("content", "style") if getattr(args, name) is None]
+    if missing and not args.download_only:
+        p.error(f"the following arguments are required: {', '.join(missing)}")
     for name in ("content", "style"):  # `--style s.png ffa.beta=0.3`: the key=value is an override, not a path
-        paths = getattr(args, name)
+        paths = getattr(args, name) or []
         moved = [a for a in paths[1:] if "=" in a and not Path(a).exists()]
         setattr(args, name, [a for a in paths if a not in moved])
         args.overrides = moved + args.overrides

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from models.errors import CheckpointError, MagicStyleError
 
 from . import __version__, batch, grid, jobs, pipeline, shard
+from .hub import fetch_all, quiet_hub
 from .output import check_writable, write_atomic
 from .progress import Progress
 
@@ -79,6 +80,7 @@ class Run:
 
     args: object
     weights: Path
+    vae: Path | None
     quiet: bool
     sd: object = None
     sha: str | None = None
@@ -110,7 +112,7 @@ class Run:
         self.sha = self.sha or file_sha256(self.weights)[:10]
         return json.dumps({
             "config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed, "checkpoint": self.weights.name,
-            "checkpoint_sha256": self.sha, "vae": Path(cfg.model.vae).name if cfg.model.vae else None,
+            "checkpoint_sha256": self.sha, "vae": self.vae.name if self.vae else None,
             "content": content.name, "style": style.name, "version": __version__,
         })
 
@@ -142,6 +144,11 @@ def _run(args) -> int:
     # 1. Everything the user gave is checked before the model is loaded.
     settings = jobs.make_settings(args.sweep, args.setting, free_keys(args))
     jobs.load_settings(settings, args.config, config_overrides(args), args.overrides)
+    quiet_hub(progress=not args.quiet)
+    if args.download_only:
+        for key, path in fetch_all(settings[0].cfg).items():
+            print(f"{key}: {path}")
+        return 0
     contents, styles = jobs.find_images(args.content, "content"), jobs.find_images(args.style, "style")
     many = len(contents) * len(styles) * len(settings) > 1
     diagnostics = (".attention.json", ".attention.png") if args.diagnostics else ()
@@ -158,14 +165,8 @@ def _run(args) -> int:
     report = Path(args.report) if args.report else None
     if report is not None:
         check_writable(report, overwrite=args.overwrite, what="--report")
-    cfg = settings[0].cfg
-    weights = pipeline.weights_path(cfg.model.weights)
-    if not weights.is_file():
-        raise CheckpointError(
-            f"weights file {weights} not found; put an SD1.5 .safetensors checkpoint there or pass --weights "
-            "(see weights/README.md)"
-        )
-    state = Run(args, weights, args.quiet)
+    files = fetch_all(settings[0].cfg)  # local paths, or Hub files (downloaded now if not in the cache)
+    state = Run(args, files["model.weights"], files.get("model.vae"), args.quiet)
 
     # 2. The jobs, 3. outputs (each written atomically).
     if not many:
