@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from models.errors import MagicStyleError
 
@@ -82,6 +82,11 @@ def csdi(run, paths: list[Path], cfg: DictConfig):
     return inv
 
 
+def alone(cfg: DictConfig) -> bool:
+    """Whether a job under ``cfg`` shares no inversion: the small-face pass (``face.refine``) inverts a crop."""
+    return bool(OmegaConf.select(cfg, "face.refine", default=False))
+
+
 def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = False) -> None:
     """Run the jobs (``magicstyle.jobs.Job``); a failure is recorded on the jobs it concerns and the rest go on
     (``strict``: the error is raised instead, as a run of one job wants)."""
@@ -101,7 +106,17 @@ def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = Fa
 
     groups: dict[str, list] = {}
     for job in todo:
-        groups.setdefault(pipeline.inversion_key(settings[job.setting].cfg), []).append(job)
+        cfg = settings[job.setting].cfg
+        if alone(cfg):
+            try:
+                run_alone(run, job, cfg, folder)
+            except Exception as e:  # noqa: BLE001
+                fail([job], e)
+                continue
+            finished += 1
+            progress.update(finished)
+            continue
+        groups.setdefault(pipeline.inversion_key(cfg), []).append(job)
     for group in groups.values():
         cfg = settings[group[0].setting].cfg
         contents = list(dict.fromkeys(j.content.path for j in group))
@@ -159,3 +174,20 @@ def run_batch(run, batch: list, cfg: DictConfig, inv, row: dict, folder: Path) -
     run.seconds["decode"] += time.perf_counter() - middle
     for job in batch:
         job.status, job.seconds = "done", (time.perf_counter() - start) / len(batch)
+
+
+def run_alone(run, job, cfg: DictConfig, folder: Path) -> None:
+    """A job that shares nothing (``stylize``: its own inversion), e.g. with the small-face pass of ``face.refine``."""
+    start, stats = time.perf_counter(), {}
+    image = pipeline.stylize(job.content.path, job.style.path, cfg, sd=run.sd, progress=run.phases, stats=stats)
+    save_png(image, folder / job.output, run.parameters(cfg, job.content.path, job.style.path),
+             overwrite=run.args.overwrite)
+    for key, seconds in stats["seconds"].items():
+        run.seconds[key] = run.seconds.get(key, 0.0) + seconds
+    run.counts["unet_evals"] += stats["unet_evals"]
+    run.counts["unet_rows"] += stats["unet_rows"]
+    run.counts["images_inverted"] += 2
+    run.counts["feature_store_bytes"] = max(run.counts["feature_store_bytes"], stats["feature_store_bytes"])
+    if "face_refine" in stats:
+        run.extra["face_refine"] = stats["face_refine"]  # the report of a run of one job says whether it ran
+    job.status, job.seconds = "done", time.perf_counter() - start

@@ -86,6 +86,7 @@ class Run:
     sha: str | None = None
     overwrite_extras: bool = False  # diagnostics beside a job's PNG: replaced in a run folder, else only --overwrite
     phases: Progress | None = None  # per-phase bars (a run of one job)
+    extra: dict = field(default_factory=dict)  # more report fields of a run of one job (e.g. face_refine)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(("load", "encode", "invert", "generate", "decode"), 0.0))
     counts: dict = field(default_factory=lambda: dict(unet_evals=0, unet_rows=0, feature_store_bytes=0,
                                                       images_inverted=0, images_from_cache=0))
@@ -184,7 +185,7 @@ def run_one(state: Run, content: jobs.Source, style: jobs.Source, settings: list
     state.overwrite_extras = state.args.overwrite
     batch.run_jobs(state, [job], settings, output.parent, strict=True)
     if report is not None:
-        write_atomic(report, json.dumps(state.report(), indent=2).encode(), overwrite=state.args.overwrite,
+        write_atomic(report, json.dumps(state.report(state.extra), indent=2).encode(), overwrite=state.args.overwrite,
                      what="--report")
     state.log(f"wrote {output}")
     return 0

@@ -193,6 +193,25 @@ def test_a_failed_job_is_recorded_and_the_others_run(stub, inputs, monkeypatch):
         "a_ihc_ffa.beta=0.png", "b_ihc_ffa.beta=0.png", "grid.png", "index.json"]
 
 
+def test_a_job_that_shares_nothing_runs_through_stylize(stub, inputs, monkeypatch):
+    """face.refine (the small-face pass inverts a crop of the content) is stylize's: such jobs run alone."""
+    calls = []
+
+    def stylize(content, style, cfg, *, sd=None, progress=None, stats=None):
+        calls.append((content.name, cfg.ffa.beta))
+        stats.update(seconds={"encode": 0.5}, unet_evals=3, unet_rows=5, feature_store_bytes=7, face_refine={"ran": 1})
+        return Image.new("RGB", (cfg.size, cfg.size))
+
+    monkeypatch.setattr(batch_module, "alone", lambda cfg: cfg.ffa.beta == 1)
+    monkeypatch.setattr(pipeline, "stylize", stylize)
+    rc, err = quietly(["--content", inputs.contents / "a.png", "--style", STYLE, "--config", inputs.config,
+                       "--sweep", "ffa.beta=0,1", "--output", inputs.output, "--report", inputs.tmp / "r.json"])
+    assert rc == 0, err
+    assert calls == [("a.png", 1)] and len(stub.pairs) == 1  # the other job shares the usual way
+    r = json.loads((inputs.tmp / "r.json").read_text())
+    assert r["images_inverted"] == 2 + 2 and r["unet_rows"] >= 5 and r["jobs_done"] == 2
+
+
 # -------------------------------------------------------------------------------------------- real runs (tiny)
 
 
