@@ -166,6 +166,10 @@ def _run(args) -> int:
     report = Path(args.report) if args.report else None
     if report is not None:
         check_writable(report, overwrite=args.overwrite, what="--report")
+    for setting in settings:
+        if batch.alone(setting.cfg):  # the small-face pass: its face detector, checked before the model loads
+            from faces.weights import require_file, resolve
+            require_file(resolve(setting.cfg.face.detector), "scrfd", setting="face.detector")
     files = fetch_all(settings[0].cfg)  # local paths, or Hub files (downloaded now if not in the cache)
     state = Run(args, files["model.weights"], files.get("model.vae"), args.quiet)
 

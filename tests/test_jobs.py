@@ -212,6 +212,14 @@ def test_a_job_that_shares_nothing_runs_through_stylize(stub, inputs, monkeypatc
     assert r["images_inverted"] == 2 + 2 and r["unet_rows"] >= 5 and r["jobs_done"] == 2
 
 
+def test_a_missing_face_detector_is_one_line_before_the_model_loads(inputs, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline, "load_model", lambda cfg: pytest.fail("the model was loaded"))
+    assert cli(["--content", inputs.contents / "a.png", "--style", STYLE, "--config", inputs.config, "face.refine=true",
+                f"face.detector={inputs.tmp / 'nope.onnx'}", "--output", inputs.tmp / "x.png"]) == 2
+    err = capsys.readouterr().err  # a.png is 80x64: no resize note before the error
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "nope.onnx" in err, err
+
+
 # -------------------------------------------------------------------------------------------- real runs (tiny)
 
 
