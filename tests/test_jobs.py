@@ -202,7 +202,9 @@ def test_a_job_that_shares_nothing_runs_through_stylize(stub, inputs, monkeypatc
         stats.update(seconds={"encode": 0.5}, unet_evals=3, unet_rows=5, feature_store_bytes=7, face_refine={"ran": 1})
         return Image.new("RGB", (cfg.size, cfg.size))
 
+    import faces.weights
     monkeypatch.setattr(batch_module, "alone", lambda cfg: cfg.ffa.beta == 1)
+    monkeypatch.setattr(faces.weights, "require_file", lambda *a, **k: None)  # no face detector needed here
     monkeypatch.setattr(pipeline, "stylize", stylize)
     rc, err = quietly(["--content", inputs.contents / "a.png", "--style", STYLE, "--config", inputs.config,
                        "--sweep", "ffa.beta=0,1", "--output", inputs.output, "--report", inputs.tmp / "r.json"])
