@@ -112,7 +112,8 @@ def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
 
-    jobs = [j for j in index["jobs"] if j["status"] == "done" and (run_dir / j["output"]).is_file()]
+    # "skipped": a resumed run found the output made with the job's configuration (the run checks it), so it counts
+    jobs = [j for j in index["jobs"] if j["status"] in ("done", "skipped") and (run_dir / j["output"]).is_file()]
     digest, files = {}, {}  # path -> digest, digest -> path
     for job in jobs:
         for key in ("content", "style", "output"):

@@ -166,6 +166,7 @@ def make_run(folder):
                 jobs.append({"content": content, "style": style, "setting": s, "label": settings[s]["label"],
                              "overrides": settings[s]["overrides"], "output": output, "status": "done",
                              "error": None, "seconds": 1.0})
+    jobs[1]["status"] = "skipped"  # a resumed run's output, made earlier with the same configuration: it counts
     jobs.append({**jobs[0], "output": "failed.png", "status": "failed", "error": "boom"})
     (folder / "index.json").write_text(json.dumps({"format": "magicstyle-run/1", "run": folder.name,
                                                    "settings": settings, "jobs": jobs}))
