@@ -15,6 +15,12 @@ Two modes (``store.mode``):
 During FFF, ``pairs`` maps the generated rows to images: row i (and row i + P, the other guidance branch, when the
 batch holds both) is pair i = (content image, style image).  ``mix`` hands a recipe the features of each row's own
 content and style image: (1, N, C) when every row uses the same image (broadcast), else (B, N, C) row by row.
+
+Compiled UNets (``model.compile``, magicstyle/compiled.py): the pipeline moves the store to a timestep with
+``step(t)``, which also sets ``on`` and ``current`` (the features of that step, by layer).  Inside a compiled UNet
+the recipes read ``on`` and ``current`` instead of ``t``, and ``record`` puts its tensors in ``pending``, which the
+next ``step`` files under (layer, t) as copies: no timestep is a constant of the compiled graph (one graph serves
+every step), and nothing kept points into a CUDA graph's memory, which its next replay overwrites.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
+from torch.compiler import is_compiling
 
 from .plain import plain
 
@@ -49,22 +56,46 @@ class FeatureStore:
     cfg_rows: str = "both"  # FFF under guidance: the recipe runs in both branches' rows, or only the conditional's
     observer: Observer | None = None  # FFF: diagnostics, if asked for
     _row_pairs: list[int] = field(default_factory=list, repr=False)  # pair of each row handed to the recipe
+    # set by ``step``, read inside compiled UNets (see the module's docstring)
+    on: bool = field(default=False, init=False, repr=False, compare=False)
+    current: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    pending: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"store.mode must be one of {MODES}, not {self.mode!r}")
         if self.cfg_rows not in CFG_ROWS:
             raise ValueError(f"ffa.cfg_rows must be one of {CFG_ROWS}, not {self.cfg_rows!r}")
+        self.on = self.active
 
     @property
     def active(self) -> bool:
+        """Whether the recipe runs at the current timestep.  Inside a compiled UNet: ``on``, set by ``step``."""
+        if is_compiling():
+            return self.on
         return self.t is not None and (self.timesteps is None or self.t in self.timesteps)
+
+    def step(self, t: int | None) -> None:
+        """Move to timestep ``t`` (None: done) before a UNet call: keep what a compiled ``record`` left in
+        ``pending`` (copied out of the graph's memory, in ``dtype``), then set ``on`` and ``current``."""
+        for path, h in self.pending.items():
+            self.features[(path, self.t)] = h.to(self.dtype, copy=True)
+        self.t, self.pending = t, {}
+        self.on = self.active
+        self.current = {path: h for (path, s), h in self.features.items() if s == t} if self.on else {}
+
+    def _features(self, path: str) -> torch.Tensor:
+        """The stored input of layer ``path`` at the current timestep, (N, tokens, C)."""
+        return self.current[path] if is_compiling() else self.features[(path, self.t)]
 
     # -- CSDI -------------------------------------------------------------------------------------------------------
     def record(self, path: str, x: torch.Tensor) -> None:
         """Keep the attention input of the images (the last ``images`` rows: the conditional branch under guidance)."""
-        if self.active:
-            # a copy, not a view: a view of some rows would keep the whole batch's activation alive
+        if not self.active:
+            return
+        if is_compiling():  # filed under (path, t) and copied by the next ``step``
+            self.pending[path] = x[-self.images:]
+        else:  # a copy, not a view: a view of some rows would keep the whole batch's activation alive
             self.features[(path, self.t)] = x[-self.images:].to(self.dtype, copy=True)
 
     def record_latents(self, x: torch.Tensor) -> None:
@@ -114,7 +145,7 @@ class FeatureStore:
         if not self.active:
             return plain(layer, x)
         if self.mode == "memory":
-            generated, h = x, self.features[(layer.path, self.t)]
+            generated, h = x, self._features(layer.path)
             content, style = zip(*self.pairs)
         else:  # the last rows are the reference images (see ``reference_rows``)
             refs = self.reference_images

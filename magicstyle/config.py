@@ -135,6 +135,8 @@ def validate(cfg: DictConfig) -> None:
     choice("model.dtype", ("auto", *DTYPES))
     choice("model.vae_dtype", ("auto", *DTYPES))
     choice("model.clip_layer", ("last", "penultimate"))
+    value = cfg.model.compile
+    check(value == "auto" or isinstance(value, bool), f"model.compile must be auto, true or false, not {value!r}")
     choice("store.mode", ("memory", "recompute"))
     choice("store.dtype", tuple(DTYPES))
     choice("ffa.recipe", tuple(RECIPES))

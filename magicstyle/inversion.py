@@ -21,6 +21,7 @@ from attention import FeatureStore, Record
 from models import SD15, UNet, set_recipe
 from sampling import cfg_eps_fn, ddim_invert, ddim_timesteps
 
+from .compiled import runner
 from .config import DTYPES, ConfigError
 from .hub import file_name, is_hub_ref, model_refs, parse_ref
 from .model import encode_text
@@ -28,14 +29,18 @@ from .progress import Progress
 
 
 class CountedUNet:
-    """The UNet as the samplers call it, counting calls and rows; returns float32 so guidance and DDIM stay in fp32."""
+    """The UNet as the samplers call it, counting calls and rows; returns float32 so guidance and DDIM stay in fp32.
 
-    def __init__(self, unet: UNet):
+    It runs the UNet's compiled runner when ``model.compile`` attached one (magicstyle/compiled.py), unless ``eager``.
+    """
+
+    def __init__(self, unet: UNet, *, eager: bool = False):
         self.unet, self.calls, self.rows = unet, 0, 0
+        self.run = runner(unet, eager=eager)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         self.calls, self.rows = self.calls + 1, self.rows + x.shape[0]
-        return self.unet(x, t, context).float()
+        return self.run(x, t, context).float()
 
 
 @contextmanager
@@ -162,7 +167,7 @@ def csdi(
     guided = cfg_eps_fn(model, context, uncond, cfg.inversion.guidance)
 
     def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
-        store.t = t
+        store.step(t)
         store.record_latents(x)  # recompute mode only
         return guided(x, t)
 
@@ -171,7 +176,7 @@ def csdi(
     with recipes(sd.unet, layers if memory else [], Record(store)):
         z_T = ddim_invert(eps_fn, z0, timesteps, refine=cfg.inversion.refine,
                           callback=progress and (lambda s: progress.update(s["i"] + 1)))
-    store.t = None
+    store.step(None)
     if stats is not None:
         stats.update(invert_unet_calls=model.calls, invert_unet_rows=model.rows)
     return Inversion(z_T, timesteps, layers, store, context)

@@ -11,6 +11,7 @@ from PIL import Image
 from models import SD15, load_sd15
 from models.conv import cpu_has_bf16, set_prepack
 
+from .compiled import compile_unet, use_compile
 from .config import DTYPES, ConfigError
 from .hub import fetch_all
 from .images import open_rgb, square, to_rgb, to_tensor
@@ -57,6 +58,8 @@ def load_model(cfg: DictConfig) -> SD15:
     )
     for model in (sd.unet, sd.vae):
         set_prepack(model, cfg.model.prepack)
+    if use_compile(cfg.model.compile, device):
+        compile_unet(sd.unet)  # compiles lazily, at the first call of each shape
     return sd
 
 

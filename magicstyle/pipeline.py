@@ -28,6 +28,7 @@ from faces.refine import plan_small_face
 from models import SD15
 from sampling import cfg_eps_fn, ddim_sample, ddim_timesteps
 
+from .compiled import compile_seconds
 from .config import ConfigError, load_config
 from .images import to_image
 from .inversion import CountedUNet, Inversion, csdi, ffa_timesteps, inversion_key, recipes, select_layers
@@ -109,18 +110,18 @@ def fff(
     content, style = (inversion.z_T[list(idx)] for idx in zip(*pairs))  # (P, 4, h, w) each
     z_T = adain(content, style, dim=(2, 3)) if cfg.ffa.adain_latents else content  # eq. 4: per channel, spatial axes
     cond, uncond = encode_text(sd, [cfg.generation.prompt, cfg.generation.negative_prompt], cfg.model.clip_layer).chunk(2)
-    model = CountedUNet(sd.unet)
+    model = CountedUNet(sd.unet, eager=diagnostics is not None)  # the observer is Python reading tensors
     guided = cfg_eps_fn(with_reference_rows(model, store, inversion.context), cond, uncond, cfg.generation.guidance)
 
     def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
-        store.t = t
+        store.step(t)
         return guided(x, t)
 
     if progress:
         progress.begin("generate", len(timesteps))
     with recipes(sd.unet, layers, RECIPES[cfg.ffa.recipe](store, cfg)):
         z0 = ddim_sample(eps_fn, z_T, timesteps, callback=progress and (lambda s: progress.update(s["i"] + 1)))
-    store.t = None
+    store.step(None)
     if stats is not None:
         stats.update(generate_unet_calls=model.calls, generate_unet_rows=model.rows)
     return z0
@@ -158,12 +159,16 @@ def stylize(
 
     @contextmanager
     def phase(name: str, bar: bool = False) -> Iterator[None]:
-        """Time a phase; ``bar``: a one-step progress bar (CSDI and FFF draw their own, per DDIM step)."""
+        """Time a phase; ``bar``: a one-step progress bar (CSDI and FFF draw their own, per DDIM step).  Time spent
+        compiling the UNet (``model.compile``) goes to ``seconds["compile"]``, not to the phase."""
         if progress and bar:
             progress.begin(name, 1)
-        start = time.perf_counter()
+        start, compiling = time.perf_counter(), compile_seconds()
         yield
-        seconds[name] = time.perf_counter() - start
+        compiled = compile_seconds() - compiling
+        seconds[name] = time.perf_counter() - start - compiled
+        if compiled:
+            seconds["compile"] = seconds.get("compile", 0.0) + compiled
         if progress and bar:
             progress.update(1)
 

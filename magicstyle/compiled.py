@@ -1,0 +1,82 @@
+"""The GPU fast path (``model.compile``): the UNet through ``torch.compile(mode="reduce-overhead")``.
+
+On a GPU the eager UNet is bound by kernel launches (about 1000 per forward: batch 4 costs no more than batch 2).
+``reduce-overhead`` fuses the element-wise work with Inductor and replays the whole forward as one CUDA graph per
+input shape and recipe set, without giving up the recipe interface: the recipes are traced into the graph like the
+rest of the UNet.  They stay graph-friendly because no timestep is a constant of the graph: the pipeline moves the
+feature store to each step with ``store.step(t)``, and inside the graph the recipes read the store's ``on`` and
+``current`` (this step's features, which the CUDA graph copies into its static input buffers on every replay) and
+``record`` leaves its tensors in ``pending``, which the next ``step`` copies out of the graph's memory
+(attention/store.py).  So one graph serves all 30 steps, and CSDI, FFF and each batch size get one each.
+
+``auto`` turns it on for CUDA and off elsewhere: on a CPU, compiling costs minutes and the oneDNN path of
+``models/conv.py`` is already the fast one.  ``true`` on a CPU compiles with Inductor's C++ backend (for tests and
+experiments; the prepacked convolutions are turned off, their weight cache cannot be traced).  The first calls of each
+new shape compile (about a minute for the full UNet on an H100); that time is reported apart as ``seconds.compile``.
+Attention diagnostics (``fff(..., diagnostics=...)``) run the eager UNet: the observer is Python that reads tensors.
+"""
+from __future__ import annotations
+
+import torch
+
+from models import UNet
+from models.conv import set_prepack
+
+from .config import ConfigError
+
+MODE = "reduce-overhead"  # CUDA graphs + Inductor; "max-autotune" also searches kernels (longer warm-up)
+RECOMPILE_LIMIT = 64  # graphs per UNet: one per (batch, size, dtype, recipe set, recipe on/off); dynamo's default is 8
+
+
+def use_compile(setting, device: torch.device) -> bool:
+    """``model.compile``: ``auto`` (on for CUDA, off elsewhere), true or false."""
+    if setting == "auto":
+        return device.type == "cuda"
+    if isinstance(setting, bool):
+        return setting
+    raise ConfigError(f"model.compile must be auto, true or false, not {setting!r}")
+
+
+class CompiledUNet:
+    """``unet(x, t, context)`` through ``torch.compile``; returns a tensor of its own (not a CUDA graph's output buffer,
+    which the next replay overwrites)."""
+
+    def __init__(self, unet: UNet, *, backend: str = "inductor", mode: str | None = MODE, fullgraph: bool = False):
+        import torch._dynamo
+
+        limit = getattr(torch._dynamo.config, "recompile_limit", None)
+        name = "recompile_limit" if limit is not None else "cache_size_limit"
+        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT))
+        options = {"mode": mode} if backend == "inductor" else {}
+        self.unet = unet
+        self.fn = torch.compile(unet, backend=backend, dynamic=False, fullgraph=fullgraph, **options)
+        self.graphs = backend == "inductor" and mode in ("reduce-overhead", "max-autotune")
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs are no longer read
+        out = self.fn(x, t, context)
+        return out.clone() if self.graphs else out
+
+
+def compile_unet(unet: UNet, **options) -> CompiledUNet:
+    """Attach a compiled runner to ``unet`` (the module itself is unchanged; ``runner(unet)`` returns it)."""
+    if next(unet.parameters()).device.type == "cpu":
+        set_prepack(unet, False)  # the oneDNN weight cache (models/conv.py) cannot be traced
+    compiled = CompiledUNet(unet, **options)
+    unet.__dict__["compiled"] = compiled  # a plain attribute, not a submodule: state_dict and .to() never see it
+    return compiled
+
+
+def runner(unet: UNet, *, eager: bool = False):
+    """What calls ``unet(x, t, context)``: its compiled runner if it has one (and ``eager`` is not asked), else itself."""
+    return unet if eager else unet.__dict__.get("compiled", unet)
+
+
+def compile_seconds() -> float:
+    """Seconds spent compiling in this process so far (TorchDynamo's own tally; 0 when nothing was compiled)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return 0.0
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))

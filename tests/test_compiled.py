@@ -1,0 +1,101 @@
+"""The GPU fast path (``model.compile``, magicstyle/compiled.py) on the CPU: the switch, the store's step machinery that
+keeps the recipes graph-friendly, and CSDI + FFF through a traced UNet giving the eager result.
+
+Tracing is what can go wrong on any device (a graph break inside a recipe, a timestep baked into the graph that
+recompiles every step, a recorded feature lost), so it is tested here with TorchDynamo + AOTAutograd and no code
+generation (``aot_eager``): Inductor's C++ build would take minutes on CI's two cores.  ``fullgraph=True`` turns any
+graph break into an error.  The UNet is a one-level SD1.5 UNet (same blocks, fewer of them), so tracing stays short.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from _tiny import ASTRONAUT
+from attention import FeatureStore
+from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS
+from magicstyle import csdi, fff, load_config, load_model
+from magicstyle.compiled import compile_unet, runner, use_compile
+from magicstyle.config import ConfigError
+from magicstyle.pipeline import CountedUNet, encode_images, load_image
+from models import SD15Config, UNet
+
+TINY = {"size": 64, "steps": 2, "model": {"weights": str(TINY_WEIGHTS), "hparams": str(TINY_HPARAMS),
+                                          "dtype": "float32", "device": "cpu"}}
+
+
+def test_compile_switch():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_compile("auto", cuda) and not use_compile("auto", cpu)
+    assert use_compile(True, cpu) and not use_compile(False, cuda)
+    for bad in ("yes", 1):
+        with pytest.raises(ConfigError, match="model.compile"):
+            load_config(None, {**TINY, "model": {**TINY["model"], "compile": bad}})
+    assert load_config(None, TINY).model.compile == "auto"
+
+
+def test_model_compile_attaches_a_runner_only_when_on():
+    sd = load_model(load_config(None, TINY))  # auto on the CPU: eager
+    assert runner(sd.unet) is sd.unet and "compiled" not in sd.unet.__dict__
+    on = load_model(load_config(None, {**TINY, "model": {**TINY["model"], "compile": True}}))
+    assert runner(on.unet) is on.unet.__dict__["compiled"] and runner(on.unet, eager=True) is on.unet
+    assert CountedUNet(on.unet, eager=True).run is on.unet
+    assert set(on.unet.state_dict()) == set(sd.unet.state_dict())  # not a submodule: the checkpoint keys are unchanged
+
+
+def test_store_steps_file_pending_features_as_copies():
+    """What a compiled ``record`` leaves in ``pending`` is kept under (layer, t) by the next step, as a copy in the
+    store's dtype; ``current`` holds the step's features for the recipes; no timestep is read inside the graph."""
+    store = FeatureStore(dtype=torch.float16, images=1, timesteps={11, 21})
+    store.step(21)
+    assert store.on and store.current == {}
+    x = torch.randn(2, 3, 4)
+    store.pending["a"] = x[-1:]  # what record does inside a compiled UNet
+    store.step(11)
+    kept = store.features[("a", 21)]
+    assert kept.dtype == torch.float16 and kept.data_ptr() != x.data_ptr() and torch.equal(kept, x[-1:].half())
+    assert store.on and store.current == {} and store.pending == {}
+    store.step(1)  # not a recorded step
+    assert not store.on and store.current == {}
+    store.step(21)
+    assert store.current == {"a": kept}
+    store.step(None)
+    assert not store.on and store.t is None
+
+
+@pytest.fixture(scope="module")
+def mini():
+    """The tiny checkpoint's VAE and text encoder with a one-level UNet (random weights)."""
+    cfg = load_config(None, TINY)
+    sd = load_model(cfg)
+    torch.manual_seed(0)
+    unet = UNet(SD15Config(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_levels=(0,), context_dim=32))
+    sd = dataclasses.replace(sd, unet=unet.eval().requires_grad_(False))
+    images = torch.cat([load_image(ASTRONAUT, 64), load_image(ROOT / "examples" / "ihc.png", 64)])
+    return sd, encode_images(sd, images)
+
+
+def test_csdi_and_fff_traced_give_the_eager_result_without_recompiling(mini):
+    """Memory mode, FFA in every layer, guidance 5: one graph for CSDI (recording), one for FFF (reading), the same
+    two graphs for every step and for a second run, and the eager latents."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    sd, z0 = mini
+    cfg = load_config(None, {**TINY, "ffa": {"layers": "all"}})
+    inversion = csdi(sd, z0, cfg)
+    eager = fff(sd, inversion, cfg)
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_unet(sd.unet, backend=counter, fullgraph=True)
+    try:
+        for run in range(2):
+            traced_inversion = csdi(sd, z0, cfg)
+            traced = fff(sd, traced_inversion, cfg)
+            assert counter.frame_count == 2, f"run {run}: {counter.frame_count} graphs"
+        assert traced_inversion.store.features.keys() == inversion.store.features.keys()
+        for key, h in inversion.store.features.items():
+            torch.testing.assert_close(traced_inversion.store.features[key], h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+    finally:
+        sd.unet.__dict__.pop("compiled")
