@@ -9,7 +9,6 @@ and the others still run (exit status 1).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import resource
 import sys
@@ -23,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from models.errors import CheckpointError, MagicStyleError
 
 from . import __version__, batch, grid, jobs, pipeline, shard
+from .filehash import short_sha256
 from .hub import fetch_all, quiet_hub
 from .output import check_writable, write_atomic
 from .progress import Progress
@@ -59,14 +59,6 @@ def free_keys(args) -> set[str]:
 
 def default_output(content: str | Path, style: str | Path) -> Path:
     return Path("outputs") / f"{Path(content).stem}_{Path(style).stem}.png"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def peak_rss_bytes() -> int:
@@ -110,7 +102,7 @@ class Run:
 
     def parameters(self, cfg: DictConfig, content: Path, style: Path) -> str:
         """The PNG's ``parameters`` chunk: the resolved config, seed, checkpoint and its hash, inputs, version."""
-        self.sha = self.sha or file_sha256(self.weights)[:10]
+        self.sha = self.sha or short_sha256(self.weights)  # hashed once per file, then cached
         return json.dumps({
             "config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed, "checkpoint": self.weights.name,
             "checkpoint_sha256": self.sha, "vae": self.vae.name if self.vae else None,

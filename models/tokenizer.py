@@ -5,16 +5,39 @@ id (49407), not with 0; prompts longer than 75 tokens are cut and still end with
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 
 BOS, EOS = 49406, 49407
 
 
+def _open_clip_tokenizer():
+    """open_clip's ``tokenizer`` module, without importing the ``open_clip`` package, whose ``__init__`` loads its
+    models and with them torchvision and timm: seconds of a one-shot run's start for one BPE file.  The module only
+    imports ftfy, regex, numpy and torch, and finds its vocabulary beside itself."""
+    if "open_clip.tokenizer" in sys.modules:
+        return sys.modules["open_clip.tokenizer"]
+    spec = importlib.util.find_spec("open_clip")  # locates the package without running it
+    path = Path(spec.submodule_search_locations[0]) / "tokenizer.py" if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        from open_clip import tokenizer
+
+        return tokenizer
+    name = "_magicstyle_open_clip_tokenizer"
+    if name not in sys.modules:
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
 class Tokenizer:
     def __init__(self, context_length: int = 77):
-        from open_clip.tokenizer import SimpleTokenizer  # imported here: open_clip's import is slow
-
-        self._bpe = SimpleTokenizer()  # lower-cases and cleans whitespace as CLIP's tokenizer does
+        self._bpe = _open_clip_tokenizer().SimpleTokenizer()  # lower-cases and cleans whitespace as CLIP's tokenizer does
         self.context_length = context_length
 
     def __call__(self, prompts: list[str] | str) -> torch.Tensor:
