@@ -3,6 +3,7 @@
     python bench/benchmark.py --unet                      # UNet forward per dtype and batch (random weights)
     python bench/benchmark.py --unet --weights weights/realisticVisionV60B1_v51VAE.safetensors
     python bench/benchmark.py --pipeline --store          # the full pipeline and the feature store
+    python bench/benchmark.py --device cuda --steps 30    # on a GPU: issue 11's table (bench/gpu_bench.py)
 
 Each section is one function returning table rows.  Without ``--weights`` the UNet section builds the full-size SD1.5
 UNet with random weights (speed does not depend on the values), and the pipeline sections write a random checkpoint
@@ -159,7 +160,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=512, help="pipeline image size")
     parser.add_argument("--steps", type=int, default=10, help="pipeline DDIM steps")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="pipeline and store dtype")
+    gpu = parser.add_argument_group("GPU (--device cuda, bench/gpu_bench.py)")
+    gpu.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: every GPU section (or those named)")
+    gpu.add_argument("--cli", action="store_true", help="cuda: the one-shot CLI's wall clock")
+    gpu.add_argument("--load", action="store_true", help="cuda: loading through pinned memory against plain")
+    gpu.add_argument("--no-compile", action="store_true", help="cuda: model.compile off only")
+    gpu.add_argument("--results", type=Path, help="cuda: a JSON file the figures are added to (kept between calls)")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        from gpu_bench import main as gpu_main
+
+        return gpu_main(args)
     if not (args.unet or args.pipeline or args.store):
         parser.error("choose at least one section: --unet, --pipeline, --store")
 

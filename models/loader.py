@@ -20,6 +20,7 @@ from .errors import CheckpointError
 from .safetensors_file import SafetensorsFile
 from .tokenizer import Tokenizer
 from .unet import UNet
+from .upload import Upload
 from .vae import AutoencoderKL
 
 UNET_PREFIX = "model.diffusion_model."
@@ -130,15 +131,15 @@ def load_component(
             f"{file.path}: the {name} does not match SD1.5 ({_listing('missing', [prefix + k for k in missing])}"
             f"{'; ' if missing and unexpected else ''}{_listing('unexpected', [keys[k] for k in unexpected])})"
         )
-    state = {}
+    state, upload = {}, Upload(device)  # to a GPU: through pinned memory, copied asynchronously
     for key, ckpt_key in keys.items():
-        tensor = fix(key, file.tensor(ckpt_key))
+        tensor = fix(key, upload.read(file, ckpt_key))
         if tuple(tensor.shape) != expected[key]:
             raise CheckpointError(
                 f"{file.path}: tensor {ckpt_key} has shape {tuple(tensor.shape)}, the {name} expects {expected[key]}"
                 " (wrong model, or wrong hparams)"
             )
-        state[key] = tensor.to(device=device, dtype=dtype)
+        state[key] = upload.to_device(tensor, dtype)
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 

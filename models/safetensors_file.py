@@ -52,10 +52,16 @@ class SafetensorsFile:
             )
         self.shapes = {k: tuple(v["shape"]) for k, v in self._entries.items()}
 
-    def tensor(self, key: str) -> torch.Tensor:
+    def nbytes(self, key: str) -> int:
+        begin, end = self._entries[key]["data_offsets"]
+        return end - begin
+
+    def tensor(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``key``, read into a new buffer, or into ``out`` (a CPU uint8 tensor of at least its size, e.g.
+        pinned memory: the result is then a view of ``out``)."""
         entry = self._entries[key]
         begin, end = entry["data_offsets"]
-        buffer = bytearray(end - begin)
+        buffer = bytearray(end - begin) if out is None else out[: end - begin].numpy()
         try:
             with open(self.path, "rb") as f:
                 f.seek(self._data_start + begin)
@@ -64,9 +70,12 @@ class SafetensorsFile:
             raise CheckpointError(f"cannot read tensor {key} from {self.path} ({e.strerror or e})") from None
         if not complete:
             raise CheckpointError(f"{self.path} is truncated inside tensor {key}; download it again")
-        if not buffer:
-            return torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
-        return torch.frombuffer(buffer, dtype=SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        if not len(buffer):
+            return torch.empty(entry["shape"], dtype=dtype)
+        if out is not None:
+            return out[: end - begin].view(dtype).reshape(entry["shape"])
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 def _looks_like_pickle(path: Path) -> bool:

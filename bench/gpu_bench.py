@@ -1,0 +1,234 @@
+"""The GPU sections of ``bench/benchmark.py --device cuda`` (issue 11): every figure of the issue's table.
+
+    python bench/benchmark.py --device cuda --weights /tmp/sd15_random.safetensors
+
+Sections, each printed as soon as it is measured: the UNet forward (ours eager, ours compiled, diffusers eager when
+diffusers is importable, alternated in one process), loading (pinned against plain), ``stylize`` steady state in both
+store modes with ``model.compile`` off and on, the one-shot CLI's wall clock, and peak GPU memory; then the summary
+table against the targets.  GPU times are wall-clock with ``torch.cuda.synchronize()``.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTENT, STYLE = ROOT / "examples" / "astronaut.png", ROOT / "examples" / "hubble_deep_field.jpg"
+CUDA = torch.device("cuda")
+
+
+def timed(fn) -> float:
+    """Seconds of ``fn()`` on the GPU, synchronised before and after."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# UNet
+
+
+def diffusers_unet(dtype: torch.dtype):
+    """diffusers' SD1.5 ``UNet2DConditionModel`` (default SDPA processor) with its own random weights, or None."""
+    try:
+        from diffusers import UNet2DConditionModel
+    except ImportError:
+        return None
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    return unet.to(CUDA, dtype).eval().requires_grad_(False)
+
+
+def unet_section(dtypes, batches, *, rounds: int, runs: int, compile: bool, summary: dict) -> list[str]:
+    from benchmark import random_unet
+    from magicstyle.compiled import CompiledUNet
+
+    rows = ["| dtype | batch | ours eager ms | diffusers eager ms | ours compiled ms | compile + warm-up s "
+            "| diffusers / ours compiled | peak GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        ours, theirs = random_unet(dtype).to(CUDA), diffusers_unet(dtype)
+        compiled = CompiledUNet(ours) if compile and name == "float16" else None  # each compile costs about a minute
+        for batch in batches:
+            g = torch.Generator(device=CUDA).manual_seed(0)
+            x = torch.randn(batch, 4, 64, 64, device=CUDA, dtype=dtype, generator=g)
+            t = torch.linspace(999, 1, batch, device=CUDA).long()
+            ctx = torch.randn(batch, 77, 768, device=CUDA, dtype=dtype, generator=g)
+            torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad():
+                eager, ref = [], []
+                for fn in [lambda: ours(x, t, ctx)] + ([lambda: theirs(x, t, ctx)] if theirs else []):
+                    timed(fn)  # warm-up (cuDNN/cuBLAS heuristics)
+                for _ in range(rounds):  # alternated, so that both see the same clocks
+                    eager.append(statistics.median(timed(lambda: ours(x, t, ctx)) for _ in range(runs)))
+                    if theirs:
+                        ref.append(statistics.median(timed(lambda: theirs(x, t, ctx)) for _ in range(runs)))
+                warm = fast = None
+                if compiled:
+                    warm = sum(timed(lambda: compiled(x, t, ctx)) for _ in range(3))  # compile, warm up, record
+                    fast = statistics.median(timed(lambda: compiled(x, t, ctx)) for _ in range(runs * rounds))
+            e, d = statistics.median(eager) * 1e3, statistics.median(ref) * 1e3 if ref else None
+            f = fast * 1e3 if fast else None
+            rows.append(f"| {name} | {batch} | {e:.1f} | {f'{d:.1f}' if d else '-'} | {f'{f:.1f}' if f else '-'} "
+                        f"| {f'{warm:.0f}' if warm else '-'} | {f'{d / f:.2f}x' if d and f else '-'} "
+                        f"| {gib(torch.cuda.max_memory_allocated())} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+            summary[f"{name}/{batch}"] = {"eager": e, "diffusers": d, "compiled": f}
+        del ours, theirs, compiled
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading, stylize, the one-shot CLI
+
+
+def load_section(weights: Path, *, rounds: int = 2) -> list[str]:
+    """load_sd15 to the GPU in float16 through pinned memory (models/upload.py) and through plain ``Tensor.to``."""
+    import models.upload
+    from models import load_sd15
+
+    rows = ["| path | load s (median) |", "| --- | --- |"]
+    seconds = {True: [], False: []}
+    for _ in range(rounds):
+        for pinned in (True, False):
+            models.upload.PINNED = pinned
+            seconds[pinned].append(timed(lambda: load_sd15(weights, device=CUDA, dtype=torch.float16,
+                                                           vae_dtype=torch.float32)))
+            torch.cuda.empty_cache()
+    models.upload.PINNED = True
+    rows += [f"| {'pinned, asynchronous' if p else 'plain Tensor.to'} | {statistics.median(s):.2f} |"
+             for p, s in seconds.items()]
+    return rows
+
+
+def stylize_section(weights: Path, *, size: int, steps: int, calls: int, compile_settings, summary: dict) -> list[str]:
+    from magicstyle import load_config, load_model, stylize
+
+    rows = ["| model.compile | store.mode | first call s | steady s (call " + str(calls) + ") | compile s "
+            "| peak GPU GiB |", "| --- | --- | --- | --- | --- | --- |"]
+    for setting in compile_settings:
+        on = {"true": True, "false": False}[setting]
+        cfg = load_config(None, {"size": size, "steps": steps, "model": {
+            "weights": str(weights), "device": "cuda", "dtype": "float16", "compile": on}})
+        sd = load_model(cfg)
+        for mode in ("memory", "recompute"):
+            c = load_config(None, {"size": size, "steps": steps, "store": {"mode": mode}, "model": {
+                "weights": str(weights), "device": "cuda", "dtype": "float16", "compile": on}})
+            torch.cuda.reset_peak_memory_stats()
+            results = []
+            for _ in range(calls):
+                stats = {}
+                wall = timed(lambda: stylize(CONTENT, STYLE, c, sd=sd, stats=stats))
+                results.append((wall, stats["seconds"].get("compile", 0.0)))
+            rows.append(f"| {setting} | {mode} | {results[0][0]:.2f} | {results[-1][0]:.3f} "
+                        f"| {sum(r[1] for r in results):.0f} | {gib(torch.cuda.max_memory_allocated())} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+            summary[f"{setting}/{mode}"] = {"steady": results[-1][0], "peak": torch.cuda.max_memory_allocated()}
+        del sd
+        torch.cuda.empty_cache()
+    return rows
+
+
+def cli_section(weights: Path, *, compile_settings, summary: dict, runs: int = 2) -> list[str]:
+    """``train_free_run.py`` from a fresh process, as a user runs it: wall clock from start to PNG on disk."""
+    rows = ["| model.compile | run | wall s | load s | compile s | invert s | generate s | peak GPU GiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    with tempfile.TemporaryDirectory() as folder:
+        for setting in compile_settings:
+            for run in range(1, runs + 1):
+                out, report = Path(folder) / "out.png", Path(folder) / "report.json"
+                command = [sys.executable, str(ROOT / "train_free_run.py"), "--content", str(CONTENT), "--style",
+                           str(STYLE), "--weights", str(weights), "--output", str(out), "--report", str(report),
+                           "--overwrite", "--quiet", "--device", "cuda", f"model.compile={setting}"]
+                start = time.perf_counter()
+                done = subprocess.run(command, capture_output=True, text=True)
+                wall = time.perf_counter() - start
+                if done.returncode:
+                    rows.append(f"| {setting} | {run} | failed: {done.stderr.strip().splitlines()[-1:]} | | | | | |")
+                    continue
+                r = json.loads(report.read_text())
+                s = r["seconds"]
+                rows.append(f"| {setting} | {run} | {wall:.1f} | {s.get('load', 0):.1f} | {s.get('compile', 0):.1f} "
+                            f"| {s.get('invert', 0):.2f} | {s.get('generate', 0):.2f} "
+                            f"| {gib(r.get('peak_cuda_bytes', 0))} |")
+                print(rows[-1], file=sys.stderr, flush=True)
+                summary[setting] = wall  # the last run: checkpoint hash cached, files in the page cache
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def summary_table(results: dict) -> list[str]:
+    """The issue's table (what, measured, target) from the ``--results`` file, whatever sections have run."""
+    rows = ["| what | measured | target |", "| --- | --- | --- |"]
+    for key, r in sorted(results.get("unet", {}).items()):
+        name, batch = key.split("/")
+        best = f"compiled {r['compiled']:.1f} ms, eager {r['eager']:.1f} ms" if r["compiled"] else f"eager {r['eager']:.1f} ms"
+        speed = f"; diffusers eager {r['diffusers']:.1f} ms" if r["diffusers"] else ""
+        ratio = f" ({r['diffusers'] / r['compiled']:.2f}x diffusers)" if r["diffusers"] and r["compiled"] else ""
+        target = "at least 2x faster than diffusers eager" if key == "float16/2" else ""
+        rows.append(f"| UNet forward batch {batch}, {name} | {best}{ratio}{speed} | {target} |")
+    for key, r in sorted(results.get("stylize", {}).items()):
+        setting, mode = key.split("/")
+        rows.append(f"| `stylize` steady state, {mode}, model.compile={setting} | {r['steady']:.3f} s | at most 0.6 s |")
+    for setting, wall in results.get("cli", {}).items():
+        rows.append(f"| `train_free_run.py` one-shot, model.compile={setting} | {wall:.1f} s | at most 8 s |")
+    peaks = [r["peak"] for r in results.get("stylize", {}).values()]
+    if peaks:
+        rows.append(f"| peak GPU memory (stylize) | {gib(max(peaks))} GiB | (4.1 GiB before) |")
+    return rows
+
+
+def main(args) -> None:
+    """Run the sections asked for (all without --unet/--pipeline/--cli/--load), print their tables, add their figures to
+    ``--results`` (JSON, kept between calls, written even when a time limit stops the run) and print the summary of
+    everything measured so far."""
+    name = torch.cuda.get_device_name(0)
+    print(f"GPU: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}\n", flush=True)
+    results = json.loads(args.results.read_text()) if args.results and args.results.is_file() else {}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # `timeout`: keep what was measured (finally below)
+    every = not (args.unet or args.pipeline or args.cli or args.load)
+    settings = ["false"] if args.no_compile else ["false", "true"]
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            weights = args.weights
+            if weights is None and (every or args.pipeline or args.cli or args.load):
+                from random_checkpoint import write_random_checkpoint
+
+                weights = write_random_checkpoint(Path(folder) / "sd15_random.safetensors")
+            if every or args.unet:
+                dtypes = [d for d in args.dtypes if d != "float32"] or ["float16"]
+                rows = unet_section(dtypes, args.batches or [2, 4], rounds=4, runs=5, compile=not args.no_compile,
+                                    summary=results.setdefault("unet", {}))
+                print("UNet forward, 64x64 latent, context 77 x 768, random weights\n\n" + "\n".join(rows) + "\n",
+                      flush=True)
+            if every or args.pipeline:
+                rows = stylize_section(weights, size=args.size, steps=args.steps, calls=3, compile_settings=settings,
+                                       summary=results.setdefault("stylize", {}))
+                print(f"stylize, {args.size} px, {args.steps} + {args.steps} steps, float16\n\n" + "\n".join(rows)
+                      + "\n", flush=True)
+            if every or args.cli:
+                rows = cli_section(weights, compile_settings=settings, summary=results.setdefault("cli", {}))
+                print("One-shot CLI (512 px, 30 + 30 steps)\n\n" + "\n".join(rows) + "\n", flush=True)
+            if every or args.load:
+                print("Loading the checkpoint to the GPU (float16)\n\n" + "\n".join(load_section(weights)) + "\n",
+                      flush=True)
+    finally:
+        if args.results:
+            args.results.write_text(json.dumps(results, indent=1))
+        print(f"Summary ({name})\n\n" + "\n".join(summary_table(results)) + "\n", flush=True)
