@@ -212,7 +212,7 @@ def main(args) -> None:
 
                 weights = write_random_checkpoint(Path(folder) / "sd15_random.safetensors")
             if every or args.unet:
-                dtypes = [d for d in args.dtypes if d != "float32"] or ["float16"]
+                dtypes = ["float16"] + [d for d in args.dtypes if d not in ("float16", "float32")]
                 rows = unet_section(dtypes, args.batches or [2, 4], rounds=4, runs=5, compile=not args.no_compile,
                                     summary=results.setdefault("unet", {}))
                 print("UNet forward, 64x64 latent, context 77 x 768, random weights\n\n" + "\n".join(rows) + "\n",

@@ -16,8 +16,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"; nproc; } > "$OUT/device.txt" 2>&1
 CKPT=/tmp/sd15_random.safetensors
 python3 bench/random_checkpoint.py "$CKPT" >> "$OUT/device.txt" 2>&1
-BENCH="python3 bench/benchmark.py --device cuda --weights $CKPT --steps 30 --results $OUT/results.json"
-timeout 120 python3 -m pytest tests -m cuda -q -x -p no:cacheprovider > "$OUT/pytest_cuda.txt" 2>&1
+BENCH="python3 bench/benchmark.py --device cuda --weights $CKPT --steps 30 --dtypes float16 bfloat16 --batches 2 4 --results $OUT/results.json"
+timeout 120 python3 -m pytest tests -m cuda -q -p no:cacheprovider --continue-on-collection-errors > "$OUT/pytest_cuda.txt" 2>&1
 timeout 130 $BENCH --unet > "$OUT/bench_unet.md" 2>&1
 timeout 180 $BENCH --pipeline > "$OUT/bench_stylize.md" 2>&1
 timeout 90 $BENCH --cli > "$OUT/bench_cli.md" 2>&1

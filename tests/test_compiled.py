@@ -99,3 +99,15 @@ def test_csdi_and_fff_traced_give_the_eager_result_without_recompiling(mini):
         torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
     finally:
         sd.unet.__dict__.pop("compiled")
+
+
+def test_reading_a_tensor_into_a_given_buffer():
+    """The loader's path to a GPU reads each tensor into a (pinned) buffer it reuses: same values as a fresh read."""
+    from models.safetensors_file import SafetensorsFile
+
+    file = SafetensorsFile(TINY_WEIGHTS)
+    buffer = torch.full((1 << 20,), 255, dtype=torch.uint8)
+    for key in list(file.shapes)[:40]:
+        if file.nbytes(key) <= buffer.numel():
+            got = file.tensor(key, out=buffer)
+            assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, file.tensor(key)), key
