@@ -9,15 +9,21 @@ OUT=${OUT:-/tmp/magicstyle-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"; nproc; } > "$OUT/device.txt" 2>&1
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+    nproc
+} > "$OUT/device.txt" 2>&1
 CKPT=/tmp/sd15_random.safetensors
 python3 bench/random_checkpoint.py "$CKPT" >> "$OUT/device.txt" 2>&1
-BENCH="python3 bench/benchmark.py --device cuda --weights $CKPT --steps 30 --dtypes float16 bfloat16 --batches 2 4 --results $OUT/results.json"
-timeout 120 python3 -m pytest tests -m cuda -q -p no:cacheprovider --continue-on-collection-errors > "$OUT/pytest_cuda.txt" 2>&1
+BENCH="python3 bench/benchmark.py --device cuda --weights $CKPT --steps 30 --dtypes float16 bfloat16 --batches 2 4"
+BENCH="$BENCH --results $OUT/results.json"
+timeout 120 python3 -m pytest tests -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
+    > "$OUT/pytest_cuda.txt" 2>&1
 timeout 130 $BENCH --unet > "$OUT/bench_unet.md" 2>&1
 timeout 180 $BENCH --pipeline > "$OUT/bench_stylize.md" 2>&1
 timeout 90 $BENCH --cli > "$OUT/bench_cli.md" 2>&1

@@ -69,7 +69,7 @@ def compile_unet(unet: UNet, **options) -> CompiledUNet:
 
 
 def runner(unet: UNet, *, eager: bool = False):
-    """What calls ``unet(x, t, context)``: its compiled runner if it has one (and ``eager`` is not asked), else itself."""
+    """What calls ``unet(x, t, context)``: its compiled runner if it has one and ``eager`` is false, else itself."""
     return unet if eager else unet.__dict__.get("compiled", unet)
 
 

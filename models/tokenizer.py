@@ -21,7 +21,8 @@ def _open_clip_tokenizer():
     if "open_clip.tokenizer" in sys.modules:
         return sys.modules["open_clip.tokenizer"]
     spec = importlib.util.find_spec("open_clip")  # locates the package without running it
-    path = Path(spec.submodule_search_locations[0]) / "tokenizer.py" if spec and spec.submodule_search_locations else None
+    folders = spec.submodule_search_locations if spec else None
+    path = Path(folders[0]) / "tokenizer.py" if folders else None
     if path is None or not path.is_file():
         from open_clip import tokenizer
 
@@ -37,7 +38,7 @@ def _open_clip_tokenizer():
 
 class Tokenizer:
     def __init__(self, context_length: int = 77):
-        self._bpe = _open_clip_tokenizer().SimpleTokenizer()  # lower-cases and cleans whitespace as CLIP's tokenizer does
+        self._bpe = _open_clip_tokenizer().SimpleTokenizer()  # lower-cases and cleans whitespace as CLIP's does
         self.context_length = context_length
 
     def __call__(self, prompts: list[str] | str) -> torch.Tensor:
