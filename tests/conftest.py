@@ -58,13 +58,17 @@ def no_tf32():
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_folder(tmp_path_factory):
     """Runs remember checkpoint hashes in the user's cache folder (magicstyle/filehash.py): not the real one in tests
-    (subprocesses inherit it too)."""
+    (subprocesses inherit it too); and the suite runs the UNet eagerly wherever it runs."""
     import os
 
-    before = os.environ.get("XDG_CACHE_HOME")
+    before = {key: os.environ.get(key) for key in ("XDG_CACHE_HOME", "MAGICSTYLE_COMPILE_AUTO")}
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    # model.compile: auto stays eager on a GPU too: compiling the tiny UNet in every test (and every CLI subprocess)
+    # would take minutes; tests/test_gpu_fastpath.py compiles on purpose
+    os.environ["MAGICSTYLE_COMPILE_AUTO"] = "0"
     yield
-    if before is None:
-        del os.environ["XDG_CACHE_HOME"]
-    else:
-        os.environ["XDG_CACHE_HOME"] = before
+    for key, value in before.items():
+        if value is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = value

@@ -26,9 +26,12 @@ TINY = {"size": 64, "steps": 2, "model": {"weights": str(TINY_WEIGHTS), "hparams
                                           "dtype": "float32", "device": "cpu"}}
 
 
-def test_compile_switch():
+def test_compile_switch(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setenv("MAGICSTYLE_COMPILE_AUTO", "1")
     assert use_compile("auto", cuda) and not use_compile("auto", cpu)
+    monkeypatch.setenv("MAGICSTYLE_COMPILE_AUTO", "0")  # what the suite runs with (tests/conftest.py)
+    assert not use_compile("auto", cuda)
     assert use_compile(True, cpu) and not use_compile(False, cuda)
     for bad in ("yes", 1):
         with pytest.raises(ConfigError, match="model.compile"):
