@@ -52,43 +52,58 @@ def diffusers_unet(dtype: torch.dtype):
     return unet.to(CUDA, dtype).eval().requires_grad_(False)
 
 
+def unet_inputs(batch: int, dtype: torch.dtype):
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    x = torch.randn(batch, 4, 64, 64, device=CUDA, dtype=dtype, generator=g)
+    t = torch.linspace(999, 1, batch, device=CUDA).long()
+    return x, t, torch.randn(batch, 77, 768, device=CUDA, dtype=dtype, generator=g)
+
+
+@torch.no_grad()
 def unet_section(dtypes, batches, *, rounds: int, runs: int, compile: bool, summary: dict) -> list[str]:
+    """Eager rows for every dtype and batch first (ours and diffusers alternated), then ours compiled in float16
+    (each shape compiles for about a minute, so a time limit cuts these last)."""
     from benchmark import random_unet
     from magicstyle.compiled import CompiledUNet
 
-    rows = ["| dtype | batch | ours eager ms | diffusers eager ms | ours compiled ms | compile + warm-up s "
-            "| diffusers / ours compiled | peak GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| dtype | batch | ours ms | diffusers ms | diffusers / ours | compile + warm-up s | peak GiB |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def row(name, batch, label, ms, d, warm):
+        rows.append(f"| {name} | {batch} | {label} {ms:.1f} | {f'{d:.1f}' if d else '-'} "
+                    f"| {f'{d / ms:.2f}x' if d else '-'} | {f'{warm:.0f}' if warm else '-'} "
+                    f"| {gib(torch.cuda.max_memory_allocated())} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+
     for name in dtypes:
         dtype = getattr(torch, name)
         ours, theirs = random_unet(dtype).to(CUDA), diffusers_unet(dtype)
-        compiled = CompiledUNet(ours) if compile and name == "float16" else None  # each compile costs about a minute
         for batch in batches:
-            g = torch.Generator(device=CUDA).manual_seed(0)
-            x = torch.randn(batch, 4, 64, 64, device=CUDA, dtype=dtype, generator=g)
-            t = torch.linspace(999, 1, batch, device=CUDA).long()
-            ctx = torch.randn(batch, 77, 768, device=CUDA, dtype=dtype, generator=g)
+            x, t, ctx = unet_inputs(batch, dtype)
             torch.cuda.reset_peak_memory_stats()
-            with torch.no_grad():
-                eager, ref = [], []
-                for fn in [lambda: ours(x, t, ctx)] + ([lambda: theirs(x, t, ctx)] if theirs else []):
-                    timed(fn)  # warm-up (cuDNN/cuBLAS heuristics)
-                for _ in range(rounds):  # alternated, so that both see the same clocks
-                    eager.append(statistics.median(timed(lambda: ours(x, t, ctx)) for _ in range(runs)))
-                    if theirs:
-                        ref.append(statistics.median(timed(lambda: theirs(x, t, ctx)) for _ in range(runs)))
-                warm = fast = None
-                if compiled:
-                    warm = sum(timed(lambda: compiled(x, t, ctx)) for _ in range(3))  # compile, warm up, record
-                    fast = statistics.median(timed(lambda: compiled(x, t, ctx)) for _ in range(runs * rounds))
+            eager, ref = [], []
+            for fn in [lambda: ours(x, t, ctx)] + ([lambda: theirs(x, t, ctx)] if theirs else []):
+                timed(fn)  # warm-up (cuDNN/cuBLAS heuristics)
+            for _ in range(rounds):  # alternated, so that both see the same clocks
+                eager.append(statistics.median(timed(lambda: ours(x, t, ctx)) for _ in range(runs)))
+                if theirs:
+                    ref.append(statistics.median(timed(lambda: theirs(x, t, ctx)) for _ in range(runs)))
             e, d = statistics.median(eager) * 1e3, statistics.median(ref) * 1e3 if ref else None
-            f = fast * 1e3 if fast else None
-            rows.append(f"| {name} | {batch} | {e:.1f} | {f'{d:.1f}' if d else '-'} | {f'{f:.1f}' if f else '-'} "
-                        f"| {f'{warm:.0f}' if warm else '-'} | {f'{d / f:.2f}x' if d and f else '-'} "
-                        f"| {gib(torch.cuda.max_memory_allocated())} |")
-            print(rows[-1], file=sys.stderr, flush=True)
-            summary[f"{name}/{batch}"] = {"eager": e, "diffusers": d, "compiled": f}
-        del ours, theirs, compiled
+            summary[f"{name}/{batch}"] = {"eager": e, "diffusers": d, "compiled": None}
+            row(name, batch, "eager", e, d, None)
+        del ours, theirs
         torch.cuda.empty_cache()
+    if compile:
+        name, dtype = "float16", torch.float16
+        compiled = CompiledUNet(random_unet(dtype).to(CUDA))
+        for batch in batches:
+            x, t, ctx = unet_inputs(batch, dtype)
+            torch.cuda.reset_peak_memory_stats()
+            warm = sum(timed(lambda: compiled(x, t, ctx)) for _ in range(3))  # compile, warm up, record the graph
+            fast = statistics.median(timed(lambda: compiled(x, t, ctx)) for _ in range(runs * rounds)) * 1e3
+            entry = summary.setdefault(f"{name}/{batch}", {"eager": None, "diffusers": None})
+            entry["compiled"] = fast
+            row(name, batch, "compiled", fast, entry["diffusers"], warm)
     return rows
 
 
@@ -178,7 +193,7 @@ def summary_table(results: dict) -> list[str]:
     rows = ["| what | measured | target |", "| --- | --- | --- |"]
     for key, r in sorted(results.get("unet", {}).items()):
         name, batch = key.split("/")
-        best = f"eager {r['eager']:.1f} ms"
+        best = f"eager {r['eager']:.1f} ms" if r["eager"] else ""
         if r["compiled"]:
             best = f"compiled {r['compiled']:.1f} ms, {best}"
         speed = f"; diffusers eager {r['diffusers']:.1f} ms" if r["diffusers"] else ""

@@ -22,10 +22,10 @@ CKPT=/tmp/sd15_random.safetensors
 python3 bench/random_checkpoint.py "$CKPT" >> "$OUT/device.txt" 2>&1
 BENCH="python3 bench/benchmark.py --device cuda --weights $CKPT --steps 30 --dtypes float16 bfloat16 --batches 2 4"
 BENCH="$BENCH --results $OUT/results.json"
-timeout 120 python3 -m pytest tests -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
+timeout 100 python3 -m pytest tests -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
     > "$OUT/pytest_cuda.txt" 2>&1
-timeout 130 $BENCH --unet > "$OUT/bench_unet.md" 2>&1
-timeout 180 $BENCH --pipeline > "$OUT/bench_stylize.md" 2>&1
-timeout 90 $BENCH --cli > "$OUT/bench_cli.md" 2>&1
-timeout 25 $BENCH --load > "$OUT/bench_load.md" 2>&1
+timeout 140 $BENCH --unet > "$OUT/bench_unet.md" 2>&1
+timeout 200 $BENCH --pipeline > "$OUT/bench_stylize.md" 2>&1
+timeout 80 $BENCH --cli > "$OUT/bench_cli.md" 2>&1
+timeout 20 $BENCH --load > "$OUT/bench_load.md" 2>&1
 tail -n 30 "$OUT"/bench_*.md "$OUT/pytest_cuda.txt"
