@@ -18,6 +18,7 @@ Attention diagnostics (``fff(..., diagnostics=...)``) run the eager UNet: the ob
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -77,9 +78,8 @@ def runner(unet: UNet, *, eager: bool = False):
 
 
 def compile_seconds() -> float:
-    """Seconds spent compiling in this process so far (TorchDynamo's own tally; 0 when nothing was compiled)."""
-    try:
-        from torch._dynamo.utils import compilation_time_metrics
-    except ImportError:
-        return 0.0
-    return float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))
+    """Seconds spent compiling in this process so far (TorchDynamo's own tally; 0 when nothing was compiled).  Does
+    not import TorchDynamo (seconds of start-up) when nothing has."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    metrics = getattr(utils, "compilation_time_metrics", {})
+    return float(sum(metrics.get("_compile.compile_inner", [])))

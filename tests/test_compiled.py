@@ -17,7 +17,7 @@ from _tiny import ASTRONAUT
 from attention import FeatureStore
 from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS
 from magicstyle import csdi, fff, load_config, load_model
-from magicstyle.compiled import compile_unet, runner, use_compile
+from magicstyle.compiled import compile_seconds, compile_unet, runner, use_compile
 from magicstyle.config import ConfigError
 from magicstyle.pipeline import CountedUNet, encode_images, load_image
 from models import SD15Config, UNet
@@ -94,9 +94,11 @@ def test_csdi_and_fff_traced_give_the_eager_result_without_recompiling(mini):
     compile_unet(sd.unet, backend=counter, fullgraph=True)
     try:
         for run in range(2):
+            before = compile_seconds()
             traced_inversion = csdi(sd, z0, cfg)
             traced = fff(sd, traced_inversion, cfg)
             assert counter.frame_count == 2, f"run {run}: {counter.frame_count} graphs"
+            assert (compile_seconds() > before) == (run == 0)  # what stylize reports as seconds.compile
         assert traced_inversion.store.features.keys() == inversion.store.features.keys()
         for key, h in inversion.store.features.items():
             torch.testing.assert_close(traced_inversion.store.features[key], h, rtol=1e-5, atol=1e-5)
@@ -115,3 +117,17 @@ def test_reading_a_tensor_into_a_given_buffer():
         if file.nbytes(key) <= buffer.numel():
             got = file.tensor(key, out=buffer)
             assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, file.tensor(key)), key
+
+
+def test_a_run_does_not_import_torchdynamo():
+    """Start-up (issue 11): loading and a whole stylization never import TorchDynamo (seconds) unless model.compile is
+    on: the loader builds its modules without running their initialisers (models/loader.py ``without_init``)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from magicstyle import stylize; "
+            f"stylize({str(ASTRONAUT)!r}, {str(ASTRONAUT)!r}, {TINY!r}); print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
