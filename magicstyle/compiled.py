@@ -12,7 +12,7 @@ feature store to each step with ``store.step(t)``, and inside the graph the reci
 ``auto`` turns it on for CUDA and off elsewhere: on a CPU, compiling costs minutes and the oneDNN path of
 ``models/conv.py`` is already the fast one.  ``true`` on a CPU compiles with Inductor's C++ backend (for tests and
 experiments; the prepacked convolutions are turned off, their weight cache cannot be traced).  The first calls of each
-new shape compile (about a minute for the full UNet on an H100); that time is reported apart as ``seconds.compile``.
+new shape compile (about a minute for the full UNet on an H100); that time is also reported as ``seconds.compile``.
 Attention diagnostics (``fff(..., diagnostics=...)``) run the eager UNet: the observer is Python that reads tensors.
 """
 from __future__ import annotations
@@ -75,6 +75,13 @@ def compile_unet(unet: UNet, **options) -> CompiledUNet:
 def runner(unet: UNet, *, eager: bool = False):
     """What calls ``unet(x, t, context)``: its compiled runner if it has one and ``eager`` is false, else itself."""
     return unet if eager else unet.__dict__.get("compiled", unet)
+
+
+def compile_report() -> dict:
+    """``{"compile": seconds}`` when this process compiled the UNet (already counted in the phases it happened in:
+    ``--report``'s ``seconds.compile``), else ``{}``."""
+    seconds = compile_seconds()
+    return {"compile": seconds} if seconds else {}
 
 
 def compile_seconds() -> float:

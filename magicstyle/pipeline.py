@@ -160,14 +160,13 @@ def stylize(
     @contextmanager
     def phase(name: str, bar: bool = False) -> Iterator[None]:
         """Time a phase; ``bar``: a one-step progress bar (CSDI and FFF draw their own, per DDIM step).  Time spent
-        compiling the UNet (``model.compile``) goes to ``seconds["compile"]``, not to the phase."""
+        compiling the UNet (``model.compile``) is also added up in ``seconds["compile"]``."""
         if progress and bar:
             progress.begin(name, 1)
         start, compiling = time.perf_counter(), compile_seconds()
         yield
-        compiled = compile_seconds() - compiling
-        seconds[name] = time.perf_counter() - start - compiled
-        if compiled:
+        seconds[name] = time.perf_counter() - start
+        if compiled := compile_seconds() - compiling:
             seconds["compile"] = seconds.get("compile", 0.0) + compiled
         if progress and bar:
             progress.update(1)

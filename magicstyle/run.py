@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from models.errors import CheckpointError, MagicStyleError
 
 from . import __version__, batch, grid, jobs, pipeline, shard
+from .compiled import compile_report
 from .filehash import short_sha256
 from .hub import fetch_all, quiet_hub
 from .output import check_writable, write_atomic
@@ -110,7 +111,7 @@ class Run:
         })
 
     def report(self, extra: dict | None = None) -> dict:
-        data = {"seconds": self.seconds,
+        data = {"seconds": {**self.seconds, **compile_report()},
                 **{k: v for k, v in self.counts.items() if k not in ("images_inverted", "images_from_cache")},
                 "peak_rss_bytes": peak_rss_bytes(), "device": None, "dtype": None}
         if self.sd is not None and hasattr(self.sd, "unet"):
