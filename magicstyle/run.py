@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from models.errors import CheckpointError, MagicStyleError
 
-from . import __version__, batch, grid, jobs, pipeline, shard
+from . import batch, grid, jobs, pipeline, shard
 from .compiled import compile_report
-from .filehash import short_sha256
 from .hub import fetch_all, quiet_hub
 from .output import check_writable, write_atomic
+from .parameters import png_parameters
 from .progress import Progress
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -76,7 +76,6 @@ class Run:
     vae: Path | None
     quiet: bool
     sd: object = None
-    sha: str | None = None
     overwrite_extras: bool = False  # diagnostics beside a job's PNG: replaced in a run folder, else only --overwrite
     phases: Progress | None = None  # per-phase bars (a run of one job)
     extra: dict = field(default_factory=dict)  # more report fields of a run of one job (e.g. face_refine)
@@ -102,13 +101,9 @@ class Run:
                          f"to {cfg.size}x{cfg.size}")
 
     def parameters(self, cfg: DictConfig, content: Path, style: Path) -> str:
-        """The PNG's ``parameters`` chunk: the resolved config, seed, checkpoint and its hash, inputs, version."""
-        self.sha = self.sha or short_sha256(self.weights)  # hashed once per file, then cached
-        return json.dumps({
-            "config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed, "checkpoint": self.weights.name,
-            "checkpoint_sha256": self.sha, "vae": self.vae.name if self.vae else None,
-            "content": content.name, "style": style.name, "version": __version__,
-        })
+        """The PNG's ``parameters`` chunk (``magicstyle.parameters``, shared with the web demo)."""
+        files = {"model.weights": self.weights, **({"model.vae": self.vae} if self.vae else {})}
+        return png_parameters(cfg, files, content.name, style.name)
 
     def report(self, extra: dict | None = None) -> dict:
         data = {"seconds": {**self.seconds, **compile_report()},

@@ -1,0 +1,203 @@
+"""One demo request, from two images to a PNG, a heat map and phase timings, with no browser involved.
+
+The model is loaded once.  ``Demo.run`` serialises requests on it (a lock, besides the page's queue) and keeps the
+last CSDI inversions in a bounded LRU (``InversionCache``) keyed by the two images and ``inversion_key(cfg)``, so that
+changing only beta, the recipe, the prompt or the guidance runs FFF alone: no second CSDI.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from models.errors import MagicStyleError
+
+from ..config import ConfigError, validate
+from ..images import ImageError, open_rgb, png_bytes, square, to_image, to_tensor
+from ..output import write_atomic
+from ..parameters import png_parameters
+from ..pipeline import Inversion, csdi, decode_latents, encode_images, load_model
+from ..progress import Progress
+from .compat import inversion_key
+from .heatmap import run_fff
+
+PhaseCallback = Callable[[str, int, int], None]  # (phase, steps done, steps in the phase)
+
+
+@dataclass
+class Request:
+    """What the page sends: two image files and the settings a user may change (None: the app's configuration)."""
+
+    content: str | Path | None
+    style: str | Path | None
+    recipe: str | None = None
+    beta: float | None = None  # alpha follows: alpha = 1 - beta (eq. 5)
+    steps: int | None = None
+    guidance: float | None = None
+    prompt: str | None = None
+    seed: int | None = None
+    store_mode: str | None = None
+    heatmap: bool = True
+
+    def overrides(self) -> dict:
+        flags = {
+            "steps": self.steps, "seed": self.seed,
+            "ffa": {"recipe": self.recipe, "beta": self.beta, "alpha": None if self.beta is None else 1.0 - self.beta},
+            "generation": {"guidance": self.guidance, "prompt": self.prompt},
+            "store": {"mode": self.store_mode},
+        }
+        return {k: {kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v
+                for k, v in flags.items() if v is not None}
+
+
+@dataclass
+class Result:
+    image: Image.Image
+    png: Path  # the PNG with its ``parameters`` chunk (what the page offers for download)
+    heatmap: Image.Image | None  # None for recipes without style keys (plain) or when not asked for
+    seconds: dict[str, float]  # per phase: encode, invert, generate, decode (0 for a reused inversion)
+    unet_rows: dict[str, int]  # rows through the UNet: invert (0 when reused), generate
+    reused: bool  # the inversion came from the cache
+    parameters: str = field(repr=False)
+
+
+class InversionCache:
+    """The last inversions, least recently used first out, at most ``items`` of them and ``max_bytes`` of features
+    (the newest is always kept, whatever its size)."""
+
+    def __init__(self, items: int = 4, max_bytes: int = 4 << 30):
+        self.items, self.max_bytes = items, max_bytes
+        self.entries: OrderedDict[str, Inversion] = OrderedDict()
+
+    def get(self, key: str) -> Inversion | None:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        return None
+
+    def put(self, key: str, inversion: Inversion) -> None:
+        self.entries[key] = inversion
+        self.entries.move_to_end(key)
+        while len(self.entries) > 1 and (len(self.entries) > self.items or self.nbytes > self.max_bytes):
+            self.entries.popitem(last=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(inv.store.nbytes + inv.z_T.numel() * inv.z_T.element_size() for inv in self.entries.values())
+
+
+class _PageProgress(Progress):
+    """The pipeline's per-phase progress, handed to a callback instead of drawn on stderr."""
+
+    def __init__(self, callback: PhaseCallback):
+        super().__init__(enabled=False)
+        self.callback = callback
+
+    def update(self, done: int) -> None:
+        self.callback(self.phase, done, self.total)
+
+
+class Demo:
+    """The model, the base configuration (the app's config file and ``key=value`` arguments), and the cache."""
+
+    def __init__(self, cfg: DictConfig, sd=None, *, cache: InversionCache | None = None, out_dir: Path | None = None):
+        self.cfg = cfg
+        self.sd = sd if sd is not None else load_model(cfg)
+        self.cache = cache if cache is not None else InversionCache()
+        self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="magicstyle-app-"))
+        self.lock = threading.Lock()
+        self.count = 0
+
+    def config(self, request: Request) -> DictConfig:
+        """The base configuration with the request's settings; a bad value is a ``ConfigError``."""
+        cfg = self.cfg.copy()
+        try:
+            cfg.merge_with(OmegaConf.create(request.overrides()))
+        except Exception as e:  # OmegaConf's type errors, e.g. a non-number where a number goes
+            raise ConfigError(f"settings: {str(e).splitlines()[0]}") from None
+        validate(cfg)
+        return cfg
+
+    def run(self, request: Request, progress: PhaseCallback | None = None) -> Result:
+        """Stylize ``request.content`` in the style of ``request.style``.  Bad input raises a ``MagicStyleError``
+        whose message is meant for the page, before the model is touched."""
+        cfg = self.config(request)
+        images = [_square_image(request.content, "content", cfg.size), _square_image(request.style, "style", cfg.size)]
+        key = _image_key(images) + inversion_key(cfg)
+        bar = _PageProgress(progress) if progress else None
+        seconds, rows = dict.fromkeys(("encode", "invert", "generate", "decode"), 0.0), {}
+        with self.lock, torch.no_grad():
+            inversion = self.cache.get(key)
+            reused = inversion is not None
+            if not reused:
+                start = _phase(bar, "encode")
+                generator = torch.Generator().manual_seed(cfg.seed) if cfg.inversion.sample_posterior else None
+                z0 = encode_images(self.sd, torch.cat([to_tensor(img) for img in images]), generator)
+                seconds["encode"] = _done(bar, start)
+                start, counts = time.perf_counter(), {}
+                inversion = csdi(self.sd, z0, cfg, progress=bar, stats=counts)
+                seconds["invert"], rows["invert"] = time.perf_counter() - start, counts["invert_unet_rows"]
+                self.cache.put(key, inversion)
+            rows.setdefault("invert", 0)
+            start, counts = time.perf_counter(), {}
+            z, heat = run_fff(self.sd, inversion, cfg, progress=bar, stats=counts, heatmap=request.heatmap)
+            seconds["generate"], rows["generate"] = time.perf_counter() - start, counts["generate_unet_rows"]
+            start = _phase(bar, "decode")
+            image = to_image(decode_latents(self.sd, z))
+            seconds["decode"] = _done(bar, start)
+        parameters = png_parameters(cfg, _name(request.content), _name(request.style))
+        self.count += 1
+        png = self.out_dir / f"{self.count:04d}_{_slug(request.content)}_{_slug(request.style)}.png"
+        write_atomic(png, png_bytes(image, parameters))
+        overlay = heat.overlay(image) if heat is not None else None
+        return Result(image, png, overlay, seconds, rows, reused, parameters)
+
+
+def _square_image(path: str | Path | None, name: str, size: int) -> Image.Image:
+    if path is None or str(path) == "":
+        raise ImageError(f"no {name} image: upload one, take one with the webcam, or pick an example")
+    try:
+        return square(open_rgb(path), size)
+    except ImageError as e:  # the message names the server's temporary file: name the input instead
+        raise ImageError(f"the {name} image: {str(e).replace(str(path), 'it')}") from None
+
+
+def _image_key(images: list[Image.Image]) -> str:
+    """A digest of the pixels the model sees (after orientation, RGB conversion and the square crop)."""
+    h = hashlib.sha256()
+    for img in images:
+        h.update(img.tobytes())
+    return h.hexdigest()[:32]
+
+
+def _phase(bar: _PageProgress | None, name: str) -> float:
+    if bar:
+        bar.begin(name, 1)
+    return time.perf_counter()
+
+
+def _done(bar: _PageProgress | None, start: float) -> float:
+    if bar:
+        bar.update(1)
+    return time.perf_counter() - start
+
+
+def _name(path) -> str:
+    return Path(str(path)).name
+
+
+def _slug(path) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", Path(str(path)).stem)[:40] or "image"
+
+
+__all__ = ["Demo", "InversionCache", "MagicStyleError", "Request", "Result"]
