@@ -1,0 +1,44 @@
+"""``python app.py``: check the options, load the model once, serve the page.  Errors in the options print one line
+and exit with status 2 before the model is loaded."""
+from __future__ import annotations
+
+import sys
+
+from models.errors import CheckpointError, MagicStyleError
+
+from ..config import ConfigError, load_config
+from ..pipeline import weights_path
+
+EXIT_USAGE = 2
+
+
+def launch(args) -> int:
+    """``args``: app.py's parsed arguments."""
+    try:
+        try:
+            from . import ui
+        except ImportError as e:
+            raise ConfigError(f"the demo needs gradio ({e}); install it with: pip install -e '.[app]'") from None
+        model = {"weights": args.weights, "vae": args.vae, "device": args.device, "dtype": args.dtype}
+        overrides = {"model": {k: v for k, v in model.items() if v is not None}}
+        cfg = load_config(args.config, overrides, args.overrides)
+        weights = weights_path(cfg.model.weights)
+        if not weights.is_file():
+            raise CheckpointError(f"weights file {weights} not found; put an SD1.5 .safetensors checkpoint there or "
+                                  "pass --weights (see weights/README.md)")
+        if not 0 <= args.port < 65536:
+            raise ConfigError(f"--port must be a port number (0-65535), not {args.port}")
+        from .engine import Demo, InversionCache
+
+        print(f"loading {weights.name} ...", file=sys.stderr)
+        demo = Demo(cfg, cache=InversionCache(items=args.keep_inversions, max_bytes=int(args.cache_gib * 2**30)))
+        ui.serve(demo, host=args.host, port=args.port, share=args.share)
+        return 0
+    except MagicStyleError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return EXIT_USAGE
+    except OSError as e:  # the port is taken, or the host is not an address of this machine
+        sys.stderr.write(f"error: cannot serve on {args.host}:{args.port} ({e}); choose another --port or --host\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

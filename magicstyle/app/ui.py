@@ -1,0 +1,139 @@
+"""The Gradio page of the demo: inputs, the Stylize button, the result, the heat map and the timings.
+
+``handle`` is the button's handler, a plain function of the page's values (tested without a browser); ``build``
+lays out the page; ``serve`` loads the model once and serves the page until interrupted.  Requests run one at a time
+(the queue's concurrency limit 1, and the engine's lock); bad input becomes a message in the page.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+
+import gradio as gr  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+from attention import RECIPES  # noqa: E402
+from models.errors import MagicStyleError  # noqa: E402
+
+from ..config import ROOT  # noqa: E402
+from .engine import Demo, Request, Result  # noqa: E402
+
+EXAMPLES = [("astronaut.png", "ihc.png"), ("grace_hopper.jpg", "hubble_deep_field.jpg")]  # in examples/
+MAX_UPLOAD = "64mb"
+HEIGHT = 320  # pixels, images in the page
+QUEUE_SIZE = 16  # requests waiting beyond this are turned away with a message
+
+
+class ImageInput(gr.Image):
+    """An image input whose unreadable uploads become a message in the page instead of a bare "Error"."""
+
+    is_template = True  # drawn by the page as its parent, gr.Image (as gradio's own ClearButton does)
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            raise gr.Error(f"{self.label}: cannot read this file as an image ({e}); use a PNG, JPEG or WebP file",
+                           print_exception=False) from None
+
+
+def handle(demo: Demo, content, style, recipe, beta, steps, guidance, prompt, seed, store_mode, heatmap,
+           progress=None) -> tuple[str, Image.Image | None, str]:
+    """The Stylize button: the page's values -> (PNG path for the result image, heat map, timings as Markdown).
+
+    ``progress`` is Gradio's progress tracker (or None): it gets one bar per phase.  Bad input raises ``gr.Error``,
+    which the page shows while the app keeps serving.
+    """
+    request = Request(
+        content=content, style=style, recipe=recipe, beta=_number(beta, float), steps=_number(steps, int),
+        guidance=_number(guidance, float), prompt=prompt, seed=_number(seed, int), store_mode=store_mode,
+        heatmap=bool(heatmap),
+    )
+    callback = None
+    if progress is not None:
+        def callback(phase: str, done: int, total: int) -> None:
+            progress((done, total), desc=phase, unit="steps")
+    try:
+        result = demo.run(request, callback)
+    except MagicStyleError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    return str(result.png), result.heatmap, timings_markdown(result)
+
+
+def _number(value, kind):
+    """A number from the page (sliders and number boxes send floats); a non-integral "integer" is left for the
+    configuration check to refuse with its message."""
+    if value is None or value == "":
+        return None
+    value = float(value)
+    return int(value) if kind is int and value.is_integer() else value
+
+
+def timings_markdown(result: Result) -> str:
+    """The phase timings and UNet rows of one request, as a Markdown table."""
+    rows = ["| phase | seconds | UNet rows |", "| --- | ---: | ---: |"]
+    for phase, seconds in result.seconds.items():
+        unet = result.unet_rows.get(phase, "")
+        rows.append(f"| {phase} | {seconds:.2f} | {unet} |")
+    rows.append(f"| **total** | **{sum(result.seconds.values()):.2f}** | {sum(result.unet_rows.values())} |")
+    note = ("The inversion of these two images was reused (only FFF ran)." if result.reused else
+            "New inversion (CSDI); changing only beta, recipe, prompt or guidance will reuse it.")
+    return "\n".join(rows) + "\n\n" + note
+
+
+def build(demo: Demo) -> gr.Blocks:
+    cfg = demo.cfg
+    with gr.Blocks(title="MagicStyle", analytics_enabled=False) as page:
+        gr.Markdown("## MagicStyle: paint a portrait in the style of a reference image\n"
+                    "CSDI inverts both images and keeps their self-attention features; FFF generates with Feature "
+                    "Fusion Attention. beta weighs the generated query against the content query (alpha = 1 - beta).")
+        with gr.Row():
+            sources = ["upload", "webcam", "clipboard"]
+            content = ImageInput(label="content image", sources=sources, type="filepath", image_mode=None,
+                                 height=HEIGHT, elem_id="content")
+            style = ImageInput(label="style image", sources=sources, type="filepath", image_mode=None,
+                               height=HEIGHT, elem_id="style")
+        gr.Examples([[str(ROOT / "examples" / c), str(ROOT / "examples" / s)] for c, s in EXAMPLES],
+                    inputs=[content, style], label="examples")
+        with gr.Row():
+            beta = gr.Slider(0.0, 1.0, value=cfg.ffa.beta, step=0.05, label="beta (alpha = 1 - beta)")
+            recipe = gr.Dropdown(list(RECIPES), value=cfg.ffa.recipe, label="recipe (attention in the chosen layers)")
+        with gr.Accordion("more settings", open=False):
+            with gr.Row():
+                steps = gr.Slider(1, 100, value=cfg.steps, step=1, label="DDIM steps")
+                guidance = gr.Slider(0.0, 15.0, value=cfg.generation.guidance, step=0.5, label="guidance")
+                seed = gr.Number(value=cfg.seed, precision=0, label="seed (used with inversion.sample_posterior)")
+            with gr.Row():
+                prompt = gr.Textbox(value=cfg.generation.prompt, label="prompt")
+                store_mode = gr.Radio(["memory", "recompute"], value=cfg.store.mode, label="feature store")
+                heatmap = gr.Checkbox(value=True, label="attention heat map")
+        button = gr.Button("Stylize", variant="primary", elem_id="run")
+        with gr.Row():
+            result = gr.Image(label="result (the download keeps the PNG's parameters)", type="filepath",
+                              format="png", interactive=False, height=HEIGHT, buttons=["download", "fullscreen"],
+                              elem_id="result")
+            heat = gr.Image(label="where the style went: attention on the style keys", type="pil", format="png",
+                            interactive=False, height=HEIGHT, buttons=["download", "fullscreen"], elem_id="heatmap")
+        timings = gr.Markdown(elem_id="timings")
+
+        def stylize(content, style, recipe, beta, steps, guidance, prompt, seed, store_mode, heatmap,
+                    progress=gr.Progress()):
+            return handle(demo, content, style, recipe, beta, steps, guidance, prompt, seed, store_mode, heatmap,
+                          progress)
+
+        button.click(stylize, [content, style, recipe, beta, steps, guidance, prompt, seed, store_mode, heatmap],
+                     [result, heat, timings], concurrency_limit=1, api_name="stylize")
+    page.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    return page
+
+
+def serve(demo: Demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
+    """Serve the page until interrupted (Ctrl-C)."""
+    build(demo).launch(
+        server_name=host, server_port=port, share=share, show_error=True, ssr_mode=False, max_file_size=MAX_UPLOAD,
+        allowed_paths=[str(ROOT / "examples"), str(demo.out_dir)], footer_links=[], quiet=False,
+    )
+
+
+__all__ = ["build", "handle", "serve", "timings_markdown"]
