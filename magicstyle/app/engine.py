@@ -52,7 +52,7 @@ class Request:
     def overrides(self) -> dict:
         flags = {
             "steps": self.steps, "seed": self.seed,
-            "ffa": {"recipe": self.recipe, "beta": self.beta, "alpha": None if self.beta is None else 1.0 - self.beta},
+            "ffa": {"recipe": self.recipe, "beta": self.beta, "alpha": _one_minus(self.beta)},
             "generation": {"guidance": self.guidance, "prompt": self.prompt},
             "store": {"mode": self.store_mode},
         }
@@ -163,13 +163,19 @@ class Demo:
         return Result(image, png, overlay, seconds, rows, reused, parameters)
 
 
+def _one_minus(beta) -> float | None:
+    """alpha from beta (eq. 5: alpha + beta = 1), when beta is a number in [0, 1]; else the check names beta."""
+    ok = isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0.0 <= beta <= 1.0
+    return round(1.0 - beta, 12) if ok else None
+
+
 def _square_image(path: str | Path | None, name: str, size: int) -> Image.Image:
     if path is None or str(path) == "":
         raise ImageError(f"no {name} image: upload one, take one with the webcam, or pick an example")
     try:
         return square(open_rgb(path), size)
-    except ImageError as e:  # the message names the server's temporary file: name the input instead
-        raise ImageError(f"the {name} image: {str(e).replace(str(path), 'it')}") from None
+    except ImageError as e:  # the message names the server's temporary copy: name the uploaded file instead
+        raise ImageError(f"the {name} image: {str(e).replace(str(path), Path(str(path)).name)}") from None
 
 
 def _image_key(images: list[Image.Image]) -> str:

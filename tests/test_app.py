@@ -1,0 +1,190 @@
+"""The demo without a browser: its engine and handler on the tiny checkpoint (result, heat map, inversion reuse),
+bad input as a message, and app.py's option errors."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _tiny import ASTRONAUT, gradient, write_config
+from conftest import ROOT, TINY_WEIGHTS
+from magicstyle.app import Demo, InversionCache, Request
+from magicstyle.config import ConfigError, load_config
+from magicstyle.images import ImageError
+
+STYLE = ROOT / "examples" / "ihc.png"
+needs_gradio = pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="the [app] extra (gradio)")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("app")
+    cfg = load_config(write_config(tmp / "tiny.yaml"), {"model": {"device": "cpu"}})  # CPU: results compared exactly
+    return Demo(cfg, out_dir=tmp / "out")
+
+
+def parameters(path) -> dict:
+    with Image.open(path) as img:
+        return json.loads(img.text["parameters"])
+
+
+def test_result_png_heatmap_and_timings(demo):
+    phases = []
+    r = demo.run(Request(ASTRONAUT, STYLE, beta=0.3), progress=lambda p, done, total: phases.append((p, done, total)))
+    assert r.image.size == (64, 64) and r.image.mode == "RGB"
+    assert r.png.parent == demo.out_dir and r.png.suffix == ".png"
+    p = parameters(r.png)  # the download keeps the chunk, written by the CLI's builder
+    assert p["config"]["ffa"]["beta"] == 0.3 and p["config"]["ffa"]["alpha"] == pytest.approx(0.7)
+    assert p["checkpoint"] == TINY_WEIGHTS.name and p["content"] == ASTRONAUT.name and p["style"] == STYLE.name
+    with Image.open(r.png) as img:
+        assert (np.asarray(img.convert("RGB")) == np.asarray(r.image)).all()
+    assert r.heatmap is not None and r.heatmap.size == (64, 64) and r.heatmap.mode == "RGB"
+    assert np.asarray(r.heatmap).std() > 0  # not a flat colour
+    assert set(r.seconds) == {"encode", "invert", "generate", "decode"}
+    assert [p for p, done, total in phases if done == total] == ["encode", "invert", "generate", "decode"]
+
+
+def test_heatmap_values_are_the_style_attention_share(demo):
+    """The map is a mean softmax mass on the style keys: within [0, 1], on the latent grid, and it follows the query
+    weights (alpha = 1: content queries only, against beta = 1: generated queries only)."""
+    from magicstyle.app.heatmap import run_fff
+
+    cfg = demo.config(Request(ASTRONAUT, STYLE))
+    inversion = next(iter(demo.cache.entries.values()))
+    maps = []
+    for beta in (0.0, 1.0):
+        c = demo.config(Request(ASTRONAUT, STYLE, beta=beta))
+        _, heat = run_fff(demo.sd, inversion, c)
+        assert heat.values.shape == inversion.z_T.shape[-2:] == (8, 8)
+        assert 0.0 <= heat.values.min() and heat.values.max() <= 1.0
+        maps.append(heat.values)
+    assert not torch.allclose(maps[0], maps[1])
+    _, none = run_fff(demo.sd, inversion, demo.config(Request(ASTRONAUT, STYLE, recipe="plain")))
+    assert none is None and cfg.ffa.recipe == "ffa"  # plain attention has no style keys: no map
+
+
+def test_only_beta_changed_reuses_the_inversion(tmp_path):
+    cfg = load_config(write_config(tmp_path / "tiny.yaml"), {"model": {"device": "cpu"}})
+    demo = Demo(cfg, out_dir=tmp_path / "out")
+    content, style = gradient(tmp_path / "c.png"), gradient(tmp_path / "s.png", flip=True)
+    first = demo.run(Request(content, style, beta=0.2))
+    assert not first.reused and first.unet_rows["invert"] == 2 * 2  # 2 steps x [content, style]
+    second = demo.run(Request(content, style, beta=0.6, prompt="a painting", recipe="ffa"))
+    assert second.reused and second.unet_rows["invert"] == 0 and second.seconds["invert"] == 0.0
+    assert second.unet_rows["generate"] == first.unet_rows["generate"]
+    assert (np.asarray(second.image) != np.asarray(first.image)).any()
+    # The reused inversion gives the same pixels as a fresh one (FFF does not consume or alter it).
+    fresh = Demo(cfg, sd=demo.sd, out_dir=tmp_path / "fresh").run(Request(content, style, beta=0.6, prompt="a painting"))
+    assert not fresh.reused and (np.asarray(fresh.image) == np.asarray(second.image)).all()
+    # What changes CSDI inverts again: the steps, the store mode, another image.
+    assert not demo.run(Request(content, style, beta=0.6, steps=1)).reused
+    assert not demo.run(Request(content, style, store_mode="recompute")).reused
+    assert not demo.run(Request(style, content)).reused
+    assert demo.run(Request(content, style, beta=0.9)).reused
+
+
+def test_inversion_cache_is_bounded():
+    inv = lambda nbytes: type("Inv", (), {"store": type("S", (), {"nbytes": nbytes})(), "z_T": torch.zeros(0)})()
+    cache = InversionCache(items=2, max_bytes=100)
+    for key in "abc":
+        cache.put(key, inv(10))
+    assert list(cache.entries) == ["b", "c"]  # least recently used out
+    cache.get("b")
+    cache.put("d", inv(10))
+    assert list(cache.entries) == ["b", "d"]
+    cache.put("e", inv(95))  # over the byte bound: all older ones go, the newest stays even when alone too big
+    assert list(cache.entries) == ["e"]
+    cache.put("f", inv(1000))
+    assert list(cache.entries) == ["f"]
+
+
+def huge_png(path, width=20000, height=20000):
+    """A PNG header claiming width x height pixels (400 megapixels), with no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("case", ["no image", "not an image", "huge image", "bad beta", "bad steps", "bad recipe"])
+def test_bad_input_is_a_message_and_the_demo_keeps_serving(demo, tmp_path, case):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    request = {
+        "no image": Request(None, STYLE),
+        "not an image": Request(ASTRONAUT, text),
+        "huge image": Request(huge_png(tmp_path / "huge.png"), STYLE),
+        "bad beta": Request(ASTRONAUT, STYLE, beta=1.5),
+        "bad steps": Request(ASTRONAUT, STYLE, steps=0),
+        "bad recipe": Request(ASTRONAUT, STYLE, recipe="nope"),
+    }[case]
+    expected = ImageError if "image" in case else ConfigError
+    with pytest.raises(expected) as e:
+        demo.run(request)
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path) not in message  # one line, no server paths
+    assert {"no image": "no content image", "not an image": "the style image: cannot read image notes.png",
+            "huge image": "too large", "bad beta": "ffa.beta", "bad steps": "steps", "bad recipe": "ffa.recipe"}[case] \
+        in message
+    assert demo.run(Request(ASTRONAUT, STYLE, beta=0.3)).image.size == (64, 64)  # still serving
+
+
+@needs_gradio
+def test_handler_returns_what_the_page_shows(demo):
+    from magicstyle.app.ui import handle
+
+    calls = []
+    png, heat, timings = handle(demo, str(ASTRONAUT), str(STYLE), "ffa", 0.4, 2.0, 5.0, "a portrait", 0, "memory",
+                                True, progress=lambda value, desc=None, unit=None: calls.append((desc, value)))
+    assert parameters(png)["config"]["ffa"]["beta"] == 0.4 and isinstance(heat, Image.Image)
+    assert "| generate |" in timings and "reused" in timings  # the module's first test inverted these two images
+    assert ("generate", (2, 2)) in calls
+
+
+@needs_gradio
+def test_handler_turns_bad_input_into_a_page_message(demo, tmp_path):
+    import gradio as gr
+
+    from magicstyle.app.ui import ImageInput, handle
+
+    with pytest.raises(gr.Error, match="no content image"):
+        handle(demo, None, str(STYLE), "ffa", 0.2, 2, 5.0, "", 0, "memory", True)
+    with pytest.raises(gr.Error, match="steps must be an integer"):
+        handle(demo, str(ASTRONAUT), str(STYLE), "ffa", 0.2, 2.5, 5.0, "", 0, "memory", True)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    from gradio.data_classes import ImageData
+
+    with pytest.raises(gr.Error, match="content image: cannot read this file as an image"):
+        ImageInput(label="content image", type="filepath", image_mode=None).preprocess(
+            ImageData(path=str(text), orig_name="notes.png"))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--weights", "missing.safetensors"], "not found"),
+    (["--port", "70000"], "--port"),
+    (["ffa.nope=1"], "configuration"),
+    (["--keep-inversions", "x"], "--keep-inversions"),
+])
+def test_app_option_errors_are_one_line(argv, words, tmp_path):
+    import app
+
+    config = write_config(tmp_path / "tiny.yaml")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = app.main(["--config", str(config), *argv])
+        except SystemExit as e:  # argparse's errors (a non-number)
+            rc = e.code
+    assert rc == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0]
