@@ -54,21 +54,25 @@ def test_result_png_heatmap_and_timings(demo):
 
 def test_heatmap_values_are_the_style_attention_share(demo):
     """The map is a mean softmax mass on the style keys: within [0, 1], on the latent grid, and it follows the query
-    weights (alpha = 1: content queries only, against beta = 1: generated queries only)."""
-    from magicstyle.app.heatmap import run_fff
+    weights (alpha = 1: content queries only, against beta = 1: generated queries only).  Plain attention: no map."""
+    from magicstyle.app.heatmap import StyleShare
+    from magicstyle.pipeline import csdi, encode_images, fff, load_image, select_layers
 
     cfg = demo.config(Request(ASTRONAUT, STYLE))
-    inversion = next(iter(demo.cache.entries.values()))
+    inversion = csdi(demo.sd, encode_images(demo.sd, torch.cat([load_image(p, 64) for p in (ASTRONAUT, STYLE)])), cfg)
     maps = []
     for beta in (0.0, 1.0):
-        c = demo.config(Request(ASTRONAUT, STYLE, beta=beta))
-        _, heat = run_fff(demo.sd, inversion, c)
+        share = StyleShare()
+        fff(demo.sd, inversion, demo.config(Request(ASTRONAUT, STYLE, beta=beta)), diagnostics=share)
+        heat = share.result()
         assert heat.values.shape == inversion.z_T.shape[-2:] == (8, 8)
         assert 0.0 <= heat.values.min() and heat.values.max() <= 1.0
+        assert share.count == len(select_layers(demo.sd.unet, cfg.ffa.layers)) * cfg.steps  # every layer and step
         maps.append(heat.values)
     assert not torch.allclose(maps[0], maps[1])
-    _, none = run_fff(demo.sd, inversion, demo.config(Request(ASTRONAUT, STYLE, recipe="plain")))
-    assert none is None and cfg.ffa.recipe == "ffa"  # plain attention has no style keys: no map
+    share = StyleShare()
+    fff(demo.sd, inversion, demo.config(Request(ASTRONAUT, STYLE, recipe="plain")), diagnostics=share)
+    assert share.result() is None
 
 
 def test_only_beta_changed_reuses_the_inversion(tmp_path):
@@ -76,19 +80,22 @@ def test_only_beta_changed_reuses_the_inversion(tmp_path):
     demo = Demo(cfg, out_dir=tmp_path / "out")
     content, style = gradient(tmp_path / "c.png"), gradient(tmp_path / "s.png", flip=True)
     first = demo.run(Request(content, style, beta=0.2))
-    assert not first.reused and first.unet_rows["invert"] == 2 * 2  # 2 steps x [content, style]
+    assert first.reused == [] and first.unet_rows["invert"] == 2 * 2  # 2 steps x [content, style]
     second = demo.run(Request(content, style, beta=0.6, prompt="a painting", recipe="ffa"))
-    assert second.reused and second.unet_rows["invert"] == 0 and second.seconds["invert"] == 0.0
+    assert second.reused == ["content", "style"] and second.unet_rows["invert"] == 0
+    assert second.seconds["encode"] == second.seconds["invert"] == 0.0
     assert second.unet_rows["generate"] == first.unet_rows["generate"]
     assert (np.asarray(second.image) != np.asarray(first.image)).any()
     # The reused inversion gives the same pixels as a fresh one (FFF does not consume or alter it).
     fresh = Demo(cfg, sd=demo.sd, out_dir=tmp_path / "fresh").run(Request(content, style, beta=0.6, prompt="a painting"))
-    assert not fresh.reused and (np.asarray(fresh.image) == np.asarray(second.image)).all()
-    # What changes CSDI inverts again: the steps, the store mode, another image.
-    assert not demo.run(Request(content, style, beta=0.6, steps=1)).reused
-    assert not demo.run(Request(content, style, store_mode="recompute")).reused
-    assert not demo.run(Request(style, content)).reused
-    assert demo.run(Request(content, style, beta=0.9)).reused
+    assert fresh.reused == [] and (np.asarray(fresh.image) == np.asarray(second.image)).all()
+    # A new style with the same portrait inverts the style alone; what changes CSDI inverts both again.
+    third = demo.run(Request(content, ASTRONAUT, beta=0.6))
+    assert third.reused == ["content"] and third.unet_rows["invert"] == 2 * 1
+    assert demo.run(Request(style, content)).reused == ["content", "style"]  # the same two images, swapped
+    assert demo.run(Request(content, content)).unet_rows["invert"] == 0
+    assert demo.run(Request(content, style, beta=0.6, steps=1)).reused == []
+    assert demo.run(Request(content, style, store_mode="recompute")).reused == []
 
 
 def test_inversion_cache_is_bounded():
@@ -146,7 +153,7 @@ def test_handler_returns_what_the_page_shows(demo):
     png, heat, timings = handle(demo, str(ASTRONAUT), str(STYLE), "ffa", 0.4, 2.0, 5.0, "a portrait", 0, "memory",
                                 True, progress=lambda value, desc=None, unit=None: calls.append((desc, value)))
     assert parameters(png)["config"]["ffa"]["beta"] == 0.4 and isinstance(heat, Image.Image)
-    assert "| generate |" in timings and "reused" in timings  # the module's first test inverted these two images
+    assert "| generate |" in timings and "Both inversions were reused" in timings  # inverted by the first test
     assert ("generate", (2, 2)) in calls
 
 

@@ -1,8 +1,9 @@
 """One demo request, from two images to a PNG, a heat map and phase timings, with no browser involved.
 
 The model is loaded once.  ``Demo.run`` serialises requests on it (a lock, besides the page's queue) and keeps the
-last CSDI inversions in a bounded LRU (``InversionCache``) keyed by the two images and ``inversion_key(cfg)``, so that
-changing only beta, the recipe, the prompt or the guidance runs FFF alone: no second CSDI.
+last CSDI inversions, one per image, in a bounded LRU (``InversionCache``) keyed by the image's pixels and
+``inversion_key(cfg)``: changing only beta, the recipe, the prompt or the guidance runs FFF alone (no second CSDI),
+and a new style with the same portrait inverts the style alone.
 """
 from __future__ import annotations
 
@@ -26,10 +27,9 @@ from ..config import ConfigError, validate
 from ..images import ImageError, open_rgb, png_bytes, square, to_image, to_tensor
 from ..output import write_atomic
 from ..parameters import png_parameters
-from ..pipeline import Inversion, csdi, decode_latents, encode_images, load_model
+from ..pipeline import Inversion, csdi, decode_latents, encode_images, fff, inversion_key, load_model
 from ..progress import Progress
-from .compat import inversion_key
-from .heatmap import run_fff
+from .heatmap import StyleShare
 
 PhaseCallback = Callable[[str, int, int], None]  # (phase, steps done, steps in the phase)
 
@@ -67,12 +67,12 @@ class Result:
     heatmap: Image.Image | None  # None for recipes without style keys (plain) or when not asked for
     seconds: dict[str, float]  # per phase: encode, invert, generate, decode (0 for a reused inversion)
     unet_rows: dict[str, int]  # rows through the UNet: invert (0 when reused), generate
-    reused: bool  # the inversion came from the cache
+    reused: list[str]  # the images whose inversion came from the cache: "content", "style"
     parameters: str = field(repr=False)
 
 
 class InversionCache:
-    """The last inversions, least recently used first out, at most ``items`` of them and ``max_bytes`` of features
+    """The last inversions (one image each), least recently used first out, at most ``items`` of them and ``max_bytes`` of features
     (the newest is always kept, whatever its size)."""
 
     def __init__(self, items: int = 4, max_bytes: int = 4 << 30):
@@ -133,28 +133,34 @@ class Demo:
         whose message is meant for the page, before the model is touched."""
         cfg = self.config(request)
         images = [_square_image(request.content, "content", cfg.size), _square_image(request.style, "style", cfg.size)]
-        key = _image_key(images) + inversion_key(cfg)
+        keys = [_image_key(img) + inversion_key(cfg) for img in images]
         bar = _PageProgress(progress) if progress else None
-        seconds, rows = dict.fromkeys(("encode", "invert", "generate", "decode"), 0.0), {}
+        seconds, rows = dict.fromkeys(("encode", "invert", "generate", "decode"), 0.0), {"invert": 0}
         with self.lock, torch.no_grad():
-            inversion = self.cache.get(key)
-            reused = inversion is not None
-            if not reused:
+            inversions = {key: self.cache.get(key) for key in keys}
+            reused = [name for name, key in zip(("content", "style"), keys) if inversions[key] is not None]
+            todo = [key for key, inv in inversions.items() if inv is None]  # each image once, even if both are one
+            if todo:
                 start = _phase(bar, "encode")
                 generator = torch.Generator().manual_seed(cfg.seed) if cfg.inversion.sample_posterior else None
-                z0 = encode_images(self.sd, torch.cat([to_tensor(img) for img in images]), generator)
+                batch = torch.cat([to_tensor(images[keys.index(key)]) for key in todo])
+                z0 = encode_images(self.sd, batch, generator)
                 seconds["encode"] = _done(bar, start)
                 start, counts = time.perf_counter(), {}
-                inversion = csdi(self.sd, z0, cfg, progress=bar, stats=counts)
+                inversion = csdi(self.sd, z0, cfg, progress=bar, stats=counts)  # the missing images in one batch
                 seconds["invert"], rows["invert"] = time.perf_counter() - start, counts["invert_unet_rows"]
-                self.cache.put(key, inversion)
-            rows.setdefault("invert", 0)
+                for i, key in enumerate(todo):
+                    inversions[key] = inversion if len(todo) == 1 else inversion.select([i])
+                    self.cache.put(key, inversions[key])
+            inversion = Inversion.cat([inversions[key] for key in keys])  # (content, style): fff's default pair
             start, counts = time.perf_counter(), {}
-            z, heat = run_fff(self.sd, inversion, cfg, progress=bar, stats=counts, heatmap=request.heatmap)
+            diagnostics = StyleShare() if request.heatmap else None
+            z = fff(self.sd, inversion, cfg, diagnostics=diagnostics, progress=bar, stats=counts)
             seconds["generate"], rows["generate"] = time.perf_counter() - start, counts["generate_unet_rows"]
             start = _phase(bar, "decode")
             image = to_image(decode_latents(self.sd, z))
             seconds["decode"] = _done(bar, start)
+            heat = diagnostics.result() if diagnostics else None
         parameters = png_parameters(cfg, _name(request.content), _name(request.style))
         self.count += 1
         png = self.out_dir / f"{self.count:04d}_{_slug(request.content)}_{_slug(request.style)}.png"
@@ -178,12 +184,9 @@ def _square_image(path: str | Path | None, name: str, size: int) -> Image.Image:
         raise ImageError(f"the {name} image: {str(e).replace(str(path), Path(str(path)).name)}") from None
 
 
-def _image_key(images: list[Image.Image]) -> str:
+def _image_key(image: Image.Image) -> str:
     """A digest of the pixels the model sees (after orientation, RGB conversion and the square crop)."""
-    h = hashlib.sha256()
-    for img in images:
-        h.update(img.tobytes())
-    return h.hexdigest()[:32]
+    return hashlib.sha256(image.tobytes()).hexdigest()[:32]
 
 
 def _phase(bar: _PageProgress | None, name: str) -> float:

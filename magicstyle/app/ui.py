@@ -77,8 +77,12 @@ def timings_markdown(result: Result) -> str:
         unet = result.unet_rows.get(phase, "")
         rows.append(f"| {phase} | {seconds:.2f} | {unet} |")
     rows.append(f"| **total** | **{sum(result.seconds.values()):.2f}** | {sum(result.unet_rows.values())} |")
-    note = ("The inversion of these two images was reused (only FFF ran)." if result.reused else
-            "New inversion (CSDI); changing only beta, recipe, prompt or guidance will reuse it.")
+    if len(result.reused) == 2:
+        note = "Both inversions were reused: only FFF ran."
+    elif result.reused:
+        note = f"The {result.reused[0]} image's inversion was reused: CSDI inverted the other one only."
+    else:
+        note = "Both images were inverted (CSDI); changing only beta, recipe, prompt or guidance will reuse them."
     return "\n".join(rows) + "\n\n" + note
 
 
