@@ -2,11 +2,13 @@
 bad input as a message, and app.py's option errors."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import io
 import json
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -149,6 +151,7 @@ def test_bad_input_is_a_message_and_the_demo_keeps_serving(demo, tmp_path, case)
 def test_handler_returns_what_the_page_shows(demo):
     from magicstyle.app.ui import handle
 
+    demo.run(Request(ASTRONAUT, STYLE))  # both images inverted before: the handler reuses them
     calls = []
     png, heat, timings = handle(demo, str(ASTRONAUT), str(STYLE), "ffa", 0.4, 2.0, 5.0, "a portrait", 0, "memory",
                                 True, progress=lambda value, desc=None, unit=None: calls.append((desc, value)))
@@ -174,6 +177,44 @@ def test_handler_turns_bad_input_into_a_page_message(demo, tmp_path):
     with pytest.raises(gr.Error, match="content image: cannot read this file as an image"):
         ImageInput(label="content image", type="filepath", image_mode=None).preprocess(
             ImageData(path=str(text), orig_name="notes.png"))
+
+
+def test_requests_run_one_at_a_time(demo, monkeypatch):
+    """Two requests at once (threads, as the server runs them) never use the model together: the engine's lock."""
+    import threading
+
+    import magicstyle.app.engine as engine
+
+    inside, most, real = [0], [0], engine.fff
+
+    def slow_fff(*args, **kwargs):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.2)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(engine, "fff", slow_fff)
+    threads = [threading.Thread(target=demo.run, args=(Request(ASTRONAUT, STYLE, beta=b),)) for b in (0.1, 0.9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert most[0] == 1
+
+
+@needs_gradio
+def test_page_queues_requests_one_at_a_time(demo):
+    from magicstyle.app.ui import QUEUE_SIZE, build
+
+    async def build_in_a_loop():  # outside a running loop, gradio's queue makes (and leaves open) loops of its own
+        return build(demo)
+
+    page = asyncio.run(build_in_a_loop())
+    (stylize,) = [fn for fn in page.fns.values() if fn.api_name == "stylize"]
+    assert stylize.concurrency_limit == 1 and page._queue.max_size == QUEUE_SIZE
 
 
 @pytest.mark.parametrize("argv, words", [

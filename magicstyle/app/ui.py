@@ -22,6 +22,7 @@ from .engine import Demo, Request, Result  # noqa: E402
 EXAMPLES = [("astronaut.png", "ihc.png"), ("grace_hopper.jpg", "hubble_deep_field.jpg")]  # in examples/
 MAX_UPLOAD = "64mb"
 HEIGHT = 320  # pixels, images in the page
+CSS = "#result img, #heatmap img {width: 100%; height: 100%; object-fit: contain}"  # small results fill the frame
 QUEUE_SIZE = 16  # requests waiting beyond this are turned away with a message
 
 
@@ -136,7 +137,7 @@ def serve(demo: Demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool 
     """Serve the page until interrupted (Ctrl-C)."""
     build(demo).launch(
         server_name=host, server_port=port, share=share, show_error=True, ssr_mode=False, max_file_size=MAX_UPLOAD,
-        allowed_paths=[str(ROOT / "examples"), str(demo.out_dir)], footer_links=[], quiet=False,
+        allowed_paths=[str(ROOT / "examples"), str(demo.out_dir)], footer_links=[], css=CSS,
     )
 
 
