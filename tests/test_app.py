@@ -48,33 +48,26 @@ def test_result_png_heatmap_and_timings(demo):
     assert p["checkpoint"] == TINY_WEIGHTS.name and p["content"] == ASTRONAUT.name and p["style"] == STYLE.name
     with Image.open(r.png) as img:
         assert (np.asarray(img.convert("RGB")) == np.asarray(r.image)).all()
-    assert r.heatmap is not None and r.heatmap.size == (64, 64) and r.heatmap.mode == "RGB"
-    assert np.asarray(r.heatmap).std() > 0  # not a flat colour
+    assert isinstance(r.heatmap, Image.Image) and np.asarray(r.heatmap).std() > 0  # the diagnostics' figure
+    assert r.attention["format"] == "magicstyle-attention/1" and 0.0 < r.attention["mean"] < 1.0
     assert set(r.seconds) == {"encode", "invert", "generate", "decode"}
     assert [p for p, done, total in phases if done == total] == ["encode", "invert", "generate", "decode"]
 
 
-def test_heatmap_values_are_the_style_attention_share(demo):
-    """The map is a mean softmax mass on the style keys: within [0, 1], on the latent grid, and it follows the query
-    weights (alpha = 1: content queries only, against beta = 1: generated queries only).  Plain attention: no map."""
-    from magicstyle.app.heatmap import StyleShare
-    from magicstyle.pipeline import csdi, encode_images, fff, load_image, select_layers
+def test_attention_diagnostics_follow_the_settings(demo):
+    """The heat map's numbers: one style share per layer and step, moving with beta; plain attention reports none;
+    the checkbox off gives neither map nor record."""
+    from magicstyle.pipeline import select_layers
 
-    cfg = demo.config(Request(ASTRONAUT, STYLE))
-    inversion = csdi(demo.sd, encode_images(demo.sd, torch.cat([load_image(p, 64) for p in (ASTRONAUT, STYLE)])), cfg)
-    maps = []
-    for beta in (0.0, 1.0):
-        share = StyleShare()
-        fff(demo.sd, inversion, demo.config(Request(ASTRONAUT, STYLE, beta=beta)), diagnostics=share)
-        heat = share.result()
-        assert heat.values.shape == inversion.z_T.shape[-2:] == (8, 8)
-        assert 0.0 <= heat.values.min() and heat.values.max() <= 1.0
-        assert share.count == len(select_layers(demo.sd.unet, cfg.ffa.layers)) * cfg.steps  # every layer and step
-        maps.append(heat.values)
-    assert not torch.allclose(maps[0], maps[1])
-    share = StyleShare()
-    fff(demo.sd, inversion, demo.config(Request(ASTRONAUT, STYLE, recipe="plain")), diagnostics=share)
-    assert share.result() is None
+    low, high = (demo.run(Request(ASTRONAUT, STYLE, beta=b)).attention for b in (0.0, 1.0))
+    layers = select_layers(demo.sd.unet, demo.cfg.ffa.layers)
+    assert low["layers"] == layers and len(low["style_share"]) == len(layers)
+    assert all(len(row) == demo.cfg.steps and all(0.0 <= v <= 1.0 for v in row) for row in low["style_share"])
+    assert low["style_share"] != high["style_share"]
+    plain = demo.run(Request(ASTRONAUT, STYLE, recipe="plain"))
+    assert plain.attention["mean"] is None and plain.heatmap is not None  # the figure says so
+    off = demo.run(Request(ASTRONAUT, STYLE, heatmap=False))
+    assert off.heatmap is None and off.attention is None
 
 
 def test_only_beta_changed_reuses_the_inversion(tmp_path):
@@ -207,6 +200,9 @@ def test_requests_run_one_at_a_time(demo, monkeypatch):
 
 @needs_gradio
 def test_page_queues_requests_one_at_a_time(demo):
+    import gradio as gr
+
+    from attention import RECIPES
     from magicstyle.app.ui import QUEUE_SIZE, build
 
     async def build_in_a_loop():  # outside a running loop, gradio's queue makes (and leaves open) loops of its own
@@ -215,6 +211,8 @@ def test_page_queues_requests_one_at_a_time(demo):
     page = asyncio.run(build_in_a_loop())
     (stylize,) = [fn for fn in page.fns.values() if fn.api_name == "stylize"]
     assert stylize.concurrency_limit == 1 and page._queue.max_size == QUEUE_SIZE
+    (recipes,) = [b for b in page.blocks.values() if isinstance(b, gr.Dropdown)]
+    assert [c[1] for c in recipes.choices] == list(RECIPES)  # a newly registered recipe appears by itself
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -1,4 +1,4 @@
-"""One demo request, from two images to a PNG, a heat map and phase timings, with no browser involved.
+"""One demo request, from two images to a PNG, the attention heat map and phase timings, with no browser involved.
 
 The model is loaded once.  ``Demo.run`` serialises requests on it (a lock, besides the page's queue) and keeps the
 last CSDI inversions, one per image, in a bounded LRU (``InversionCache``) keyed by the image's pixels and
@@ -8,6 +8,7 @@ and a new style with the same portrait inverts the style alone.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import tempfile
 import threading
@@ -24,12 +25,12 @@ from PIL import Image
 from models.errors import MagicStyleError
 
 from ..config import ConfigError, validate
+from ..diagnostics import AttentionDiagnostics, heat_map
 from ..images import ImageError, open_rgb, png_bytes, square, to_image, to_tensor
 from ..output import write_atomic
 from ..parameters import png_parameters
 from ..pipeline import Inversion, csdi, decode_latents, encode_images, fff, inversion_key, load_model
 from ..progress import Progress
-from .heatmap import StyleShare
 
 PhaseCallback = Callable[[str, int, int], None]  # (phase, steps done, steps in the phase)
 
@@ -64,7 +65,8 @@ class Request:
 class Result:
     image: Image.Image
     png: Path  # the PNG with its ``parameters`` chunk (what the page offers for download)
-    heatmap: Image.Image | None  # None for recipes without style keys (plain) or when not asked for
+    heatmap: Image.Image | None  # the attention diagnostics' layers x steps heat map; None when not asked for
+    attention: dict | None  # the diagnostics' record (``style_share`` per layer and step, ``mean``); None likewise
     seconds: dict[str, float]  # per phase: encode, invert, generate, decode (0 for a reused inversion)
     unet_rows: dict[str, int]  # rows through the UNet: invert (0 when reused), generate
     reused: list[str]  # the images whose inversion came from the cache: "content", "style"
@@ -154,19 +156,19 @@ class Demo:
                     self.cache.put(key, inversions[key])
             inversion = Inversion.cat([inversions[key] for key in keys])  # (content, style): fff's default pair
             start, counts = time.perf_counter(), {}
-            diagnostics = StyleShare() if request.heatmap else None
+            diagnostics = AttentionDiagnostics.from_config(cfg) if request.heatmap else None
             z = fff(self.sd, inversion, cfg, diagnostics=diagnostics, progress=bar, stats=counts)
             seconds["generate"], rows["generate"] = time.perf_counter() - start, counts["generate_unet_rows"]
             start = _phase(bar, "decode")
             image = to_image(decode_latents(self.sd, z))
             seconds["decode"] = _done(bar, start)
-            heat = diagnostics.result() if diagnostics else None
+            attention = diagnostics.to_dict() if diagnostics else None
         parameters = png_parameters(cfg, _name(request.content), _name(request.style))
         self.count += 1
         png = self.out_dir / f"{self.count:04d}_{_slug(request.content)}_{_slug(request.style)}.png"
         write_atomic(png, png_bytes(image, parameters))
-        overlay = heat.overlay(image) if heat is not None else None
-        return Result(image, png, overlay, seconds, rows, reused, parameters)
+        heat = Image.open(io.BytesIO(heat_map(attention, title=png.stem))) if attention else None
+        return Result(image, png, heat, attention, seconds, rows, reused, parameters)
 
 
 def _one_minus(beta) -> float | None:

@@ -22,7 +22,7 @@ from .engine import Demo, Request, Result  # noqa: E402
 EXAMPLES = [("astronaut.png", "ihc.png"), ("grace_hopper.jpg", "hubble_deep_field.jpg")]  # in examples/
 MAX_UPLOAD = "64mb"
 HEIGHT = 320  # pixels, images in the page
-CSS = "#result img, #heatmap img {width: 100%; height: 100%; object-fit: contain}"  # small results fill the frame
+CSS = "#result img {width: 100%; height: 100%; object-fit: contain}"  # small results fill the frame
 QUEUE_SIZE = 16  # requests waiting beyond this are turned away with a message
 
 
@@ -78,6 +78,10 @@ def timings_markdown(result: Result) -> str:
         unet = result.unet_rows.get(phase, "")
         rows.append(f"| {phase} | {seconds:.2f} | {unet} |")
     rows.append(f"| **total** | **{sum(result.seconds.values()):.2f}** | {sum(result.unet_rows.values())} |")
+    if result.attention is not None:
+        mean = result.attention["mean"]
+        share = "none (this recipe reports no attention shares)" if mean is None else f"{mean:.3f}"
+        rows.insert(0, f"Mean attention share on the style image's tokens: **{share}**\n")
     if len(result.reused) == 2:
         note = "Both inversions were reused: only FFF ran."
     elif result.reused:
@@ -112,13 +116,14 @@ def build(demo: Demo) -> gr.Blocks:
             with gr.Row():
                 prompt = gr.Textbox(value=cfg.generation.prompt, label="prompt")
                 store_mode = gr.Radio(["memory", "recompute"], value=cfg.store.mode, label="feature store")
-                heatmap = gr.Checkbox(value=True, label="attention heat map")
+                heatmap = gr.Checkbox(value=True, label="attention diagnostics (heat map)")
         button = gr.Button("Stylize", variant="primary", elem_id="run")
         with gr.Row():
             result = gr.Image(label="result (the download keeps the PNG's parameters)", type="filepath",
                               format="png", interactive=False, height=HEIGHT, buttons=["download", "fullscreen"],
                               elem_id="result")
-            heat = gr.Image(label="where the style went: attention on the style keys", type="pil", format="png",
+            heat = gr.Image(label="where the style went: attention share on style tokens, per layer and step",
+                            type="pil", format="png",
                             interactive=False, height=HEIGHT, buttons=["download", "fullscreen"], elem_id="heatmap")
         timings = gr.Markdown(elem_id="timings")
 
