@@ -108,6 +108,16 @@ def test_inversion_cache_is_bounded():
     assert list(cache.entries) == ["f"]
 
 
+def test_output_folder_keeps_the_newest_pngs(tmp_path, monkeypatch):
+    import magicstyle.app.engine as engine
+
+    cfg = load_config(write_config(tmp_path / "tiny.yaml", steps=1), {"model": {"device": "cpu"}})
+    demo = Demo(cfg, out_dir=tmp_path / "out")
+    monkeypatch.setattr(engine, "KEEP_OUTPUTS", 2)
+    pngs = [demo.run(Request(ASTRONAUT, STYLE, beta=b, heatmap=False)).png for b in (0.1, 0.2, 0.3)]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [p.name for p in pngs[1:]]
+
+
 def huge_png(path, width=20000, height=20000):
     """A PNG header claiming width x height pixels (400 megapixels), with no pixel data."""
     def chunk(kind: bytes, data: bytes) -> bytes:

@@ -7,9 +7,11 @@ and a new style with the same portrait inverts the style alone.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -32,6 +34,7 @@ from ..parameters import png_parameters
 from ..pipeline import Inversion, csdi, decode_latents, encode_images, fff, inversion_key, load_model
 from ..progress import Progress
 
+KEEP_OUTPUTS = 64  # result PNGs kept in the output folder (the newest)
 PhaseCallback = Callable[[str, int, int], None]  # (phase, steps done, steps in the phase)
 
 
@@ -74,8 +77,8 @@ class Result:
 
 
 class InversionCache:
-    """The last inversions (one image each), least recently used first out, at most ``items`` of them and ``max_bytes`` of features
-    (the newest is always kept, whatever its size)."""
+    """The last inversions (one image each), least recently used first out: at most ``items`` of them and
+    ``max_bytes`` of features (the newest is always kept, whatever its size)."""
 
     def __init__(self, items: int = 4, max_bytes: int = 4 << 30):
         self.items, self.max_bytes = items, max_bytes
@@ -116,7 +119,10 @@ class Demo:
         self.cfg = cfg
         self.sd = sd if sd is not None else load_model(cfg)
         self.cache = cache if cache is not None else InversionCache()
-        self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="magicstyle-app-"))
+        if out_dir is None:  # a folder of our own, removed when the process ends
+            out_dir = tempfile.mkdtemp(prefix="magicstyle-app-")
+            atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
+        self.out_dir = Path(out_dir)
         self.lock = threading.Lock()
         self.count = 0
 
@@ -163,10 +169,13 @@ class Demo:
             image = to_image(decode_latents(self.sd, z))
             seconds["decode"] = _done(bar, start)
             attention = diagnostics.to_dict() if diagnostics else None
+            self.count += 1
+            number = self.count
         parameters = png_parameters(cfg, _name(request.content), _name(request.style))
-        self.count += 1
-        png = self.out_dir / f"{self.count:04d}_{_slug(request.content)}_{_slug(request.style)}.png"
+        png = self.out_dir / f"{number:06d}_{_slug(request.content)}_{_slug(request.style)}.png"
         write_atomic(png, png_bytes(image, parameters))
+        for old in sorted(self.out_dir.glob("[0-9]*_*.png"))[:-KEEP_OUTPUTS]:  # the page has fetched those long ago
+            old.unlink(missing_ok=True)
         heat = Image.open(io.BytesIO(heat_map(attention, title=png.stem))) if attention else None
         return Result(image, png, heat, attention, seconds, rows, reused, parameters)
 
