@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import socket
 import struct
 import time
 import zlib
@@ -230,13 +231,18 @@ def test_page_queues_requests_one_at_a_time(demo):
     (["--port", "70000"], "--port"),
     (["ffa.nope=1"], "configuration"),
     (["--keep-inversions", "x"], "--keep-inversions"),
+    (["--host", "192.0.2.1"], "cannot listen"),  # a documentation address: not this machine's (no traffic)
+    (["--port", "BUSY"], "cannot listen"),
 ])
 def test_app_option_errors_are_one_line(argv, words, tmp_path):
     import app
 
     config = write_config(tmp_path / "tiny.yaml")
     err = io.StringIO()
-    with contextlib.redirect_stderr(err):
+    with contextlib.redirect_stderr(err), socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        argv = [str(busy.getsockname()[1]) if a == "BUSY" else a for a in argv]
         try:
             rc = app.main(["--config", str(config), *argv])
         except SystemExit as e:  # argparse's errors (a non-number)

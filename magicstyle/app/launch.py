@@ -2,6 +2,7 @@
 and exit with status 2 before the model is loaded."""
 from __future__ import annotations
 
+import socket
 import sys
 
 from models.errors import CheckpointError, MagicStyleError
@@ -10,6 +11,19 @@ from ..config import ConfigError, load_config
 from ..pipeline import weights_path
 
 EXIT_USAGE = 2
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail now, before the model loads, if the server could not listen on host:port."""
+    if not 0 <= port < 65536:
+        raise ConfigError(f"--port must be a port number (0-65535), not {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, port))
+    except (OSError, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigError(f"cannot listen on {host}:{port} ({reason}); choose another --port or --host") from None
 
 
 def launch(args) -> int:
@@ -26,8 +40,7 @@ def launch(args) -> int:
         if not weights.is_file():
             raise CheckpointError(f"weights file {weights} not found; put an SD1.5 .safetensors checkpoint there or "
                                   "pass --weights (see weights/README.md)")
-        if not 0 <= args.port < 65536:
-            raise ConfigError(f"--port must be a port number (0-65535), not {args.port}")
+        check_address(args.host, args.port)
         from .engine import Demo, InversionCache
 
         print(f"loading {weights.name} ...", file=sys.stderr)
