@@ -16,8 +16,9 @@ from train_free_run import Parser
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", help="SD1.5 .safetensors checkpoint (default: model.weights, see weights/README.md)")
-    p.add_argument("--vae", help="a separate VAE .safetensors file")
+    p.add_argument("--weights", help="SD1.5 .safetensors checkpoint: a path or hf:OWNER/REPO/FILE.safetensors[@REV] "
+                                     "(default: model.weights, see weights/README.md)")
+    p.add_argument("--vae", help="a separate VAE .safetensors file, path or hf:...; none: the checkpoint's own")
     p.add_argument("--config", help="a YAML file overriding configs/magicstyle.yaml")
     p.add_argument("--device", choices=["cpu", "cuda", "mps", "auto"])
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"])

@@ -168,7 +168,7 @@ def test_handler_returns_what_the_page_shows(demo):
 def test_handler_turns_bad_input_into_a_page_message(demo, tmp_path):
     import gradio as gr
 
-    from magicstyle.app.ui import ImageInput, handle
+    from magicstyle.app.ui import handle, image_input
 
     with pytest.raises(gr.Error, match="no content image"):
         handle(demo, None, str(STYLE), "ffa", 0.2, 2, 5.0, "", 0, "memory", True)
@@ -179,8 +179,7 @@ def test_handler_turns_bad_input_into_a_page_message(demo, tmp_path):
     from gradio.data_classes import ImageData
 
     with pytest.raises(gr.Error, match="content image: cannot read this file as an image"):
-        ImageInput(label="content image", type="filepath", image_mode=None).preprocess(
-            ImageData(path=str(text), orig_name="notes.png"))
+        image_input("content image", "content").preprocess(ImageData(path=str(text), orig_name="notes.png"))
 
 
 def test_requests_run_one_at_a_time(demo, monkeypatch):

@@ -28,6 +28,7 @@ from models.errors import MagicStyleError
 
 from ..config import ConfigError, validate
 from ..diagnostics import AttentionDiagnostics, heat_map
+from ..hub import fetch_all
 from ..images import ImageError, open_rgb, png_bytes, square, to_image, to_tensor
 from ..output import write_atomic
 from ..parameters import png_parameters
@@ -113,10 +114,13 @@ class _PageProgress(Progress):
 
 
 class Demo:
-    """The model, the base configuration (the app's config file and ``key=value`` arguments), and the cache."""
+    """The model, the base configuration (the app's config file and ``key=value`` arguments), and the cache.
+    ``files``: the model files as ``magicstyle.hub.fetch_all`` resolves them (resolved here if not given)."""
 
-    def __init__(self, cfg: DictConfig, sd=None, *, cache: InversionCache | None = None, out_dir: Path | None = None):
+    def __init__(self, cfg: DictConfig, sd=None, *, files: dict[str, Path] | None = None,
+                 cache: InversionCache | None = None, out_dir: Path | None = None):
         self.cfg = cfg
+        self.files = files if files is not None else fetch_all(cfg)  # the model files (for the PNG's parameters)
         self.sd = sd if sd is not None else load_model(cfg)
         self.cache = cache if cache is not None else InversionCache()
         if out_dir is None:  # a folder of our own, removed when the process ends
@@ -171,7 +175,7 @@ class Demo:
             attention = diagnostics.to_dict() if diagnostics else None
             self.count += 1
             number = self.count
-        parameters = png_parameters(cfg, _name(request.content), _name(request.style))
+        parameters = png_parameters(cfg, self.files, _name(request.content), _name(request.style))
         png = self.out_dir / f"{number:06d}_{_slug(request.content)}_{_slug(request.style)}.png"
         write_atomic(png, png_bytes(image, parameters))
         for old in sorted(self.out_dir.glob("[0-9]*_*.png"))[:-KEEP_OUTPUTS]:  # the page has fetched those long ago

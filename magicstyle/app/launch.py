@@ -8,7 +8,7 @@ import sys
 from models.errors import CheckpointError, MagicStyleError
 
 from ..config import ConfigError, load_config
-from ..pipeline import weights_path
+from ..hub import fetch_all, quiet_hub
 
 EXIT_USAGE = 2
 
@@ -36,15 +36,17 @@ def launch(args) -> int:
         model = {"weights": args.weights, "vae": args.vae, "device": args.device, "dtype": args.dtype}
         overrides = {"model": {k: v for k, v in model.items() if v is not None}}
         cfg = load_config(args.config, overrides, args.overrides)
-        weights = weights_path(cfg.model.weights)
-        if not weights.is_file():
-            raise CheckpointError(f"weights file {weights} not found; put an SD1.5 .safetensors checkpoint there or "
-                                  "pass --weights (see weights/README.md)")
         check_address(args.host, args.port)
+        quiet_hub(progress=True)
+        files = fetch_all(cfg)  # local paths, or Hub files (downloaded now if not in the cache)
         from .engine import Demo, InversionCache
 
-        print(f"loading {weights.name} ...", file=sys.stderr)
-        demo = Demo(cfg, cache=InversionCache(items=args.keep_inversions, max_bytes=int(args.cache_gib * 2**30)))
+        print(f"loading {files['model.weights'].name} ...", file=sys.stderr)
+        cache = InversionCache(items=args.keep_inversions, max_bytes=int(args.cache_gib * 2**30))
+        try:
+            demo = Demo(cfg, files=files, cache=cache)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (see weights/README.md)") from None
         ui.serve(demo, host=args.host, port=args.port, share=args.share)
         return 0
     except MagicStyleError as e:

@@ -7,6 +7,7 @@ lays out the page; ``serve`` loads the model once and serves the page until inte
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 
@@ -16,27 +17,33 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from attention import RECIPES  # noqa: E402
 from models.errors import MagicStyleError  # noqa: E402
 
-from ..config import ROOT  # noqa: E402
 from .engine import Demo, Request, Result  # noqa: E402
 
-EXAMPLES = [("astronaut.png", "ihc.png"), ("grace_hopper.jpg", "hubble_deep_field.jpg")]  # in examples/
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"  # the checkout's; an installed wheel has none
+EXAMPLES = [("astronaut.png", "ihc.png"), ("grace_hopper.jpg", "hubble_deep_field.jpg")]
 MAX_UPLOAD = "64mb"
 HEIGHT = 320  # pixels, images in the page
 CSS = "#result img {width: 100%; height: 100%; object-fit: contain}"  # small results fill the frame
 QUEUE_SIZE = 16  # requests waiting beyond this are turned away with a message
 
 
-class ImageInput(gr.Image):
-    """An image input whose unreadable uploads become a message in the page instead of a bare "Error"."""
+def image_input(label: str, elem_id: str) -> gr.Image:
+    """An image input (upload, webcam, clipboard) whose unreadable uploads become a message in the page instead of a
+    bare "Error".  (Its ``preprocess`` is wrapped on the instance: a subclass of a Gradio component would make Gradio
+    write a type stub beside this file.)"""
+    image = gr.Image(label=label, sources=["upload", "webcam", "clipboard"], type="filepath", image_mode=None,
+                     height=HEIGHT, elem_id=elem_id)
+    preprocess = image.preprocess
 
-    is_template = True  # drawn by the page as its parent, gr.Image (as gradio's own ClearButton does)
-
-    def preprocess(self, payload):
+    def checked(payload):
         try:
-            return super().preprocess(payload)
+            return preprocess(payload)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            raise gr.Error(f"{self.label}: cannot read this file as an image ({e}); use a PNG, JPEG or WebP file",
+            raise gr.Error(f"{label}: cannot read this file as an image ({e}); use a PNG, JPEG or WebP file",
                            print_exception=False) from None
+
+    image.preprocess = checked
+    return image
 
 
 def handle(demo: Demo, content, style, recipe, beta, steps, guidance, prompt, seed, store_mode, heatmap,
@@ -98,13 +105,11 @@ def build(demo: Demo) -> gr.Blocks:
                     "CSDI inverts both images and keeps their self-attention features; FFF generates with Feature "
                     "Fusion Attention. beta weighs the generated query against the content query (alpha = 1 - beta).")
         with gr.Row():
-            sources = ["upload", "webcam", "clipboard"]
-            content = ImageInput(label="content image", sources=sources, type="filepath", image_mode=None,
-                                 height=HEIGHT, elem_id="content")
-            style = ImageInput(label="style image", sources=sources, type="filepath", image_mode=None,
-                               height=HEIGHT, elem_id="style")
-        gr.Examples([[str(ROOT / "examples" / c), str(ROOT / "examples" / s)] for c, s in EXAMPLES],
-                    inputs=[content, style], label="examples")
+            content = image_input("content image", "content")
+            style = image_input("style image", "style")
+        examples = [[str(EXAMPLES_DIR / c), str(EXAMPLES_DIR / s)] for c, s in EXAMPLES]
+        if all(Path(f).is_file() for pair in examples for f in pair):
+            gr.Examples(examples, inputs=[content, style], label="examples")
         with gr.Row():
             beta = gr.Slider(0.0, 1.0, value=cfg.ffa.beta, step=0.05, label="beta (alpha = 1 - beta)")
             recipe = gr.Dropdown(list(RECIPES), value=cfg.ffa.recipe, label="recipe (attention in the chosen layers)")
@@ -142,7 +147,7 @@ def serve(demo: Demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool 
     """Serve the page until interrupted (Ctrl-C)."""
     build(demo).launch(
         server_name=host, server_port=port, share=share, show_error=True, ssr_mode=False, max_file_size=MAX_UPLOAD,
-        allowed_paths=[str(ROOT / "examples"), str(demo.out_dir)], footer_links=[], css=CSS,
+        allowed_paths=[str(EXAMPLES_DIR), str(demo.out_dir)], footer_links=[], css=CSS,
     )
 
 
