@@ -83,7 +83,8 @@ def test_only_beta_changed_reuses_the_inversion(tmp_path):
     assert second.unet_rows["generate"] == first.unet_rows["generate"]
     assert (np.asarray(second.image) != np.asarray(first.image)).any()
     # The reused inversion gives the same pixels as a fresh one (FFF does not consume or alter it).
-    fresh = Demo(cfg, sd=demo.sd, out_dir=tmp_path / "fresh").run(Request(content, style, beta=0.6, prompt="a painting"))
+    fresh = Demo(cfg, sd=demo.sd, out_dir=tmp_path / "fresh")
+    fresh = fresh.run(Request(content, style, beta=0.6, prompt="a painting"))
     assert fresh.reused == [] and (np.asarray(fresh.image) == np.asarray(second.image)).all()
     # A new style with the same portrait inverts the style alone; what changes CSDI inverts both again.
     third = demo.run(Request(content, ASTRONAUT, beta=0.6))

@@ -22,7 +22,8 @@ import pytest
 from _tiny import write_config
 from conftest import ROOT
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's packages: chromium, chromium-driver
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = Path(os.environ.get("MAGICSTYLE_ARTIFACTS", ROOT / "artifacts"))
 SERVER_SECONDS = 120  # the server stops by itself after this, whatever happens to the test
 WAIT = 45  # seconds for the page, the upload and the result
