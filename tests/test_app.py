@@ -22,6 +22,7 @@ from conftest import ROOT, TINY_WEIGHTS
 from magicstyle.app import Demo, InversionCache, Request
 from magicstyle.config import ConfigError, load_config
 from magicstyle.images import ImageError
+from models.errors import MagicStyleError
 
 STYLE = ROOT / "examples" / "ihc.png"
 needs_gradio = pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="the [app] extra (gradio)")
@@ -93,6 +94,36 @@ def test_only_beta_changed_reuses_the_inversion(tmp_path):
     assert demo.run(Request(content, content)).unet_rows["invert"] == 0
     assert demo.run(Request(content, style, beta=0.6, steps=1)).reused == []
     assert demo.run(Request(content, style, store_mode="recompute")).reused == []
+
+
+def test_small_face_pass(demo, tmp_path, monkeypatch):
+    """The checkbox runs faces/refine.py: a small face is stylized again in its crop and pasted back (the rest of the
+    image is the plain run's); without the detector file the page gets one line and the app keeps serving."""
+    import faces.refine
+
+    plain = demo.run(Request(ASTRONAUT, STYLE, beta=0.3, heatmap=False))
+    assert plain.face is None
+    side = min(Image.open(ASTRONAUT).size)
+    box = [0.4 * side, 0.3 * side, 0.55 * side, 0.45 * side]
+    monkeypatch.setattr(faces.refine, "load_detector", lambda cfg: lambda img: faces.refine.Faces(
+        np.array([box], np.float32), np.array([0.9], np.float32), np.zeros((1, 5, 2), np.float32)))
+    refined = demo.run(Request(ASTRONAUT, STYLE, beta=0.3, heatmap=False, face_refine=True))
+    assert refined.face["ran"] and "face" in refined.seconds
+    x0, y0, x1, y1 = refined.face["box"]
+    outside = np.ones((64, 64), bool)
+    outside[y0:y1, x0:x1] = False
+    assert (np.asarray(refined.image)[outside] == np.asarray(plain.image)[outside]).all()
+    assert (np.asarray(refined.image)[~outside] != np.asarray(plain.image)[~outside]).any()
+
+    monkeypatch.undo()
+    demo.cfg.face.detector = str(tmp_path / "det_10g.onnx")  # absent
+    try:
+        with pytest.raises(MagicStyleError, match="face.detector") as e:
+            demo.run(Request(ASTRONAUT, STYLE, face_refine=True))
+        assert "\n" not in str(e.value)
+    finally:
+        demo.cfg.face.detector = load_config().face.detector
+    assert demo.run(Request(ASTRONAUT, STYLE)).face is None  # still serving
 
 
 def test_inversion_cache_is_bounded():

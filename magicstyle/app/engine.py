@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from faces.refine import plan_small_face
 from models.errors import MagicStyleError
 
 from ..config import ConfigError, validate
@@ -53,6 +54,7 @@ class Request:
     seed: int | None = None
     store_mode: str | None = None
     heatmap: bool = True
+    face_refine: bool | None = None  # the small-face pass (faces/refine.py)
 
     def overrides(self) -> dict:
         flags = {
@@ -60,6 +62,7 @@ class Request:
             "ffa": {"recipe": self.recipe, "beta": self.beta, "alpha": _one_minus(self.beta)},
             "generation": {"guidance": self.guidance, "prompt": self.prompt},
             "store": {"mode": self.store_mode},
+            "face": {"refine": self.face_refine},
         }
         return {k: {kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v
                 for k, v in flags.items() if v is not None}
@@ -74,6 +77,7 @@ class Result:
     seconds: dict[str, float]  # per phase: encode, invert, generate, decode (0 for a reused inversion)
     unet_rows: dict[str, int]  # rows through the UNet: invert (0 when reused), generate
     reused: list[str]  # the images whose inversion came from the cache: "content", "style"
+    face: dict | None  # the small-face pass: ``ran``, ``box``, ``face_share``, ``reason``; None when off
     parameters: str = field(repr=False)
 
 
@@ -146,6 +150,8 @@ class Demo:
         cfg = self.config(request)
         images = [_square_image(request.content, "content", cfg.size), _square_image(request.style, "style", cfg.size)]
         keys = [_image_key(img) + inversion_key(cfg) for img in images]
+        face_info: dict = {}
+        face_pass = plan_small_face(request.content, cfg, face_info) if cfg.face.refine else None  # detection first
         bar = _PageProgress(progress) if progress else None
         seconds, rows = dict.fromkeys(("encode", "invert", "generate", "decode"), 0.0), {"invert": 0}
         with self.lock, torch.no_grad():
@@ -172,6 +178,10 @@ class Demo:
             start = _phase(bar, "decode")
             image = to_image(decode_latents(self.sd, z))
             seconds["decode"] = _done(bar, start)
+            if face_pass is not None:  # Fig. 3: the face's crop stylized on its own (no cache) and pasted back
+                start = time.perf_counter()
+                image = face_pass.apply(image, request.style, cfg, sd=self.sd, progress=bar)
+                seconds["face"] = time.perf_counter() - start
             attention = diagnostics.to_dict() if diagnostics else None
             self.count += 1
             number = self.count
@@ -181,7 +191,8 @@ class Demo:
         for old in sorted(self.out_dir.glob("[0-9]*_*.png"))[:-KEEP_OUTPUTS]:  # the page has fetched those long ago
             old.unlink(missing_ok=True)
         heat = Image.open(io.BytesIO(heat_map(attention, title=png.stem))) if attention else None
-        return Result(image, png, heat, attention, seconds, rows, reused, parameters)
+        face = face_info.get("face_refine") if cfg.face.refine else None
+        return Result(image, png, heat, attention, seconds, rows, reused, face, parameters)
 
 
 def _one_minus(beta) -> float | None:

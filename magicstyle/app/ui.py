@@ -47,7 +47,7 @@ def image_input(label: str, elem_id: str) -> gr.Image:
 
 
 def handle(demo: Demo, content, style, recipe, beta, steps, guidance, prompt, seed, store_mode, heatmap,
-           progress=None) -> tuple[str, Image.Image | None, str]:
+           face_refine=None, progress=None) -> tuple[str, Image.Image | None, str]:
     """The Stylize button: the page's values -> (PNG path for the result image, heat map, timings as Markdown).
 
     ``progress`` is Gradio's progress tracker (or None): it gets one bar per phase.  Bad input raises ``gr.Error``,
@@ -56,7 +56,7 @@ def handle(demo: Demo, content, style, recipe, beta, steps, guidance, prompt, se
     request = Request(
         content=content, style=style, recipe=recipe, beta=_number(beta, float), steps=_number(steps, int),
         guidance=_number(guidance, float), prompt=prompt, seed=_number(seed, int), store_mode=store_mode,
-        heatmap=bool(heatmap),
+        heatmap=bool(heatmap), face_refine=None if face_refine is None else bool(face_refine),
     )
     callback = None
     if progress is not None:
@@ -89,6 +89,10 @@ def timings_markdown(result: Result) -> str:
         mean = result.attention["mean"]
         share = "none (this recipe reports no attention shares)" if mean is None else f"{mean:.3f}"
         rows.insert(0, f"Mean attention share on the style image's tokens: **{share}**\n")
+    if result.face is not None:
+        face = result.face
+        rows.append(f"\nSmall-face pass: {'ran, box ' + str(tuple(face['box'])) if face['ran'] else 'not run'}"
+                    f" ({face['reason']}).")
     if len(result.reused) == 2:
         note = "Both inversions were reused: only FFF ran."
     elif result.reused:
@@ -122,6 +126,7 @@ def build(demo: Demo) -> gr.Blocks:
                 prompt = gr.Textbox(value=cfg.generation.prompt, label="prompt")
                 store_mode = gr.Radio(["memory", "recompute"], value=cfg.store.mode, label="feature store")
                 heatmap = gr.Checkbox(value=True, label="attention diagnostics (heat map)")
+                face_refine = gr.Checkbox(value=cfg.face.refine, label="small-face pass (needs the face detector)")
         button = gr.Button("Stylize", variant="primary", elem_id="run")
         with gr.Row():
             result = gr.Image(label="result (the download keeps the PNG's parameters)", type="filepath",
@@ -132,13 +137,13 @@ def build(demo: Demo) -> gr.Blocks:
                             interactive=False, height=HEIGHT, buttons=["download", "fullscreen"], elem_id="heatmap")
         timings = gr.Markdown(elem_id="timings")
 
-        def stylize(content, style, recipe, beta, steps, guidance, prompt, seed, store_mode, heatmap,
+        def stylize(content, style, recipe, beta, steps, guidance, prompt, seed, store_mode, heatmap, face_refine,
                     progress=gr.Progress()):
             return handle(demo, content, style, recipe, beta, steps, guidance, prompt, seed, store_mode, heatmap,
-                          progress)
+                          face_refine, progress)
 
-        button.click(stylize, [content, style, recipe, beta, steps, guidance, prompt, seed, store_mode, heatmap],
-                     [result, heat, timings], concurrency_limit=1, api_name="stylize")
+        inputs = [content, style, recipe, beta, steps, guidance, prompt, seed, store_mode, heatmap, face_refine]
+        button.click(stylize, inputs, [result, heat, timings], concurrency_limit=1, api_name="stylize")
     page.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return page
 
