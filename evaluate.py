@@ -11,13 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_USAGE = 2
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        sys.exit(EXIT_USAGE)
+from train_free_run import EXIT_USAGE, Parser  # one-line errors, exit status 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -39,3 +39,32 @@ def gradient(path: Path, size: tuple[int, int] = (80, 64), flip: bool = False) -
 def tree(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (relative path -> contents): compare before/after to see what a command wrote."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fail_half_way(monkeypatch, failure: BaseException) -> list[int]:
+    """Files that ``magicstyle.output`` writes get half of each write, then ``failure`` is raised: a disk that fills
+    (an OSError) or Ctrl-C (KeyboardInterrupt) during the write.  Returns the list of byte counts written so far."""
+    import os
+
+    from magicstyle import output
+
+    real_fdopen, written = os.fdopen, []
+
+    class HalfWritten:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            written.append(len(data) // 2)
+            raise failure
+
+    monkeypatch.setattr(output.os, "fdopen", lambda fd, *a, **k: HalfWritten(real_fdopen(fd, *a, **k)))
+    return written

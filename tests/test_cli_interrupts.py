@@ -2,12 +2,11 @@
 write.  One line on stderr, and the output folder exactly as it was."""
 from __future__ import annotations
 
-import os
 
 import pytest
 
 import magicstyle.pipeline as pipeline
-from _tiny import tree
+from _tiny import fail_half_way, tree
 from test_cli import STEPS, argv, cli, existing, inputs  # noqa: F401  (inputs is a fixture)
 
 
@@ -28,7 +27,6 @@ def test_cuda_asked_for_without_a_gpu_is_one_line(inputs, monkeypatch, capsys):
 def test_ctrl_c_during_a_run_leaves_no_partial_output(inputs, monkeypatch, capsys, when):
     """Ctrl-C in the middle of the UNet's work, or half-way through writing the PNG: exit status 130, one line, and
     the folder as it was (an existing output, replaced only with --overwrite, is untouched)."""
-    from magicstyle import output as output_module
     from models.unet import UNet
 
     if when == "generate":
@@ -42,24 +40,7 @@ def test_ctrl_c_during_a_run_leaves_no_partial_output(inputs, monkeypatch, capsy
 
         monkeypatch.setattr(UNet, "forward", interrupted)
     else:
-        real_fdopen = os.fdopen
-
-        class Interrupted:
-            def __init__(self, f):
-                self.f = f
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self.f.close()
-
-            def write(self, data):
-                self.f.write(data[: len(data) // 2])
-                self.f.flush()
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(output_module.os, "fdopen", lambda fd, *a, **k: Interrupted(real_fdopen(fd, *a, **k)))
+        fail_half_way(monkeypatch, KeyboardInterrupt())
     existing(inputs.output, b"an old result")
     before = tree(inputs.tmp)
     assert cli(argv(inputs, "--overwrite", "--report", inputs.tmp / "out" / "report.json")) == 130

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _tiny import gradient, tree
+from _tiny import fail_half_way, gradient, tree
 from magicstyle import images
 from magicstyle.output import OutputError
 from magicstyle.images import ImageError, open_rgb, save_png, square, to_image, to_rgb, to_tensor
@@ -302,29 +302,9 @@ def test_save_png_refuses_an_existing_file(tmp_path):
 def test_save_png_leaves_nothing_behind_when_writing_fails(tmp_path, monkeypatch, failure):
     """The disk fills (or Ctrl-C comes) half-way through writing the temporary file: the old file is untouched and
     no temporary file remains."""
-    from magicstyle import output
-
     path = tmp_path / "out.png"
     path.write_bytes(b"old")
-    real_fdopen, written = os.fdopen, []
-
-    class HalfWritten:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            self.f.flush()
-            written.append(len(data) // 2)
-            raise failure
-
-    monkeypatch.setattr(output.os, "fdopen", lambda fd, *a, **k: HalfWritten(real_fdopen(fd, *a, **k)))
+    written = fail_half_way(monkeypatch, failure)
     expected = OutputError if isinstance(failure, OSError) else KeyboardInterrupt
     with pytest.raises(expected):
         save_png(Image.new("RGB", (8, 8)), path, "{}", overwrite=True)
