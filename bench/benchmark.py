@@ -4,6 +4,7 @@
     python bench/benchmark.py --unet --weights weights/realisticVisionV60B1_v51VAE.safetensors
     python bench/benchmark.py --pipeline --store          # the full pipeline and the feature store
     python bench/benchmark.py --device cuda --steps 30    # on a GPU: issue 11's table (bench/gpu_bench.py)
+    python bench/benchmark.py --batch --grid 2x2          # a content x style grid through the runner (pairs/s, rows)
 
 Each section is one function returning table rows.  Without ``--weights`` the UNet section builds the full-size SD1.5
 UNet with random weights (speed does not depend on the values), and the pipeline sections write a random checkpoint
@@ -143,6 +144,23 @@ def store_section(weights: Path, *, dtype: str) -> list[str]:
     return [f"Feature store, dtype {dtype}", ""] + section(weights, dtype=dtype)
 
 
+def batch_section(weights: Path, *, grid: tuple[int, int], size: int, steps: int, dtype: str, mode: str,
+                  pairs: str, warm: bool) -> list[str]:
+    from batch_bench import batch_section as section
+
+    title = (f"Grid {grid[0]}x{grid[1]}, {size}px, {steps} steps, dtype {dtype}, store.mode={mode}, "
+             f"batch.pairs={pairs}; single run = {4 * steps} UNet rows")
+    return [title, ""] + section(weights, grid=grid, size=size, steps=steps, dtype=dtype, mode=mode, pairs=pairs,
+                                 warm=warm)
+
+
+def grid_shape(text: str) -> tuple[int, int]:
+    c, _, s = text.lower().partition("x")
+    if not (c.isdigit() and s.isdigit() and int(c) * int(s) >= 2):
+        raise argparse.ArgumentTypeError(f"--grid must be CxS with at least 2 pairs, e.g. 2x2, not {text!r}")
+    return int(c), int(s)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -151,6 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet", action="store_true", help="UNet forward time and peak memory")
     parser.add_argument("--pipeline", action="store_true", help="one stylization, phase by phase")
     parser.add_argument("--store", action="store_true", help="feature-store size per mode and image size")
+    parser.add_argument("--batch", action="store_true", help="a C x S grid through the runner: pairs/s, UNet rows")
+    parser.add_argument("--grid", type=grid_shape, default=(2, 2), help="--batch: contents x styles (default 2x2)")
+    parser.add_argument("--pairs", default="auto", help="--batch: batch.pairs (auto or a number)")
+    parser.add_argument("--mode", default="memory", choices=["memory", "recompute"], help="--batch: store.mode")
+    parser.add_argument("--no-warm", dest="warm", action="store_false",
+                        help="--batch: skip the second run from the inversion cache")
     parser.add_argument("--weights", type=Path, help="a real SD1.5 .safetensors checkpoint (default: random weights)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4])
@@ -167,12 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     gpu.add_argument("--no-compile", action="store_true", help="cuda: model.compile off only")
     gpu.add_argument("--results", type=Path, help="cuda: a JSON file the figures are added to (kept between calls)")
     args = parser.parse_args(argv)
-    if args.device == "cuda":
+    if args.device == "cuda" and not args.batch:
         from gpu_bench import main as gpu_main
 
         return gpu_main(args)
-    if not (args.unet or args.pipeline or args.store):
-        parser.error("choose at least one section: --unet, --pipeline, --store")
+    if not (args.unet or args.pipeline or args.store or args.batch):
+        parser.error("choose at least one section: --unet, --pipeline, --store, --batch")
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
           f", {os.cpu_count()} CPUs\n")
@@ -180,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = unet_section(args.weights, dtypes=args.dtypes, batches=args.batches, latent=args.latent,
                             warmup=args.warmup, runs=args.runs)
         print("\n".join(rows) + "\n", flush=True)
-    if args.pipeline or args.store:
+    if args.pipeline or args.store or args.batch:
         with tempfile.TemporaryDirectory() as folder:
             weights = checkpoint_for_pipeline(args.weights, folder)
             if args.pipeline:
@@ -188,6 +212,10 @@ def main(argv: list[str] | None = None) -> None:
                 print("\n".join(rows) + "\n", flush=True)
             if args.store:
                 print("\n".join(store_section(weights, dtype=args.dtype)) + "\n", flush=True)
+            if args.batch:
+                rows = batch_section(weights, grid=args.grid, size=args.size, steps=args.steps, dtype=args.dtype,
+                                     mode=args.mode, pairs=args.pairs, warm=args.warm)
+                print("\n".join(rows) + "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -87,10 +87,12 @@ def alone(cfg: DictConfig) -> bool:
     return bool(OmegaConf.select(cfg, "face.refine", default=False))
 
 
-def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = False) -> None:
+def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = False,
+             progress: Progress | None = None) -> None:
     """Run the jobs (``magicstyle.jobs.Job``); a failure is recorded on the jobs it concerns and the rest go on
-    (``strict``: the error is raised instead, as a run of one job wants)."""
-    progress = Progress(enabled=not run.quiet and len(todo) > 1)  # one bar for the run: jobs done / total, ETA
+    (``strict``: the error is raised instead, as a run of one job wants).  ``progress``: the run's bar (torchrun:
+    the whole run's, ``shard.RunProgress``), else one for these jobs."""
+    progress = progress or Progress(enabled=not run.quiet and len(todo) > 1)  # one bar: jobs done / total, ETA
     progress.begin("jobs", len(todo))
     run.phases = Progress(enabled=not run.quiet) if len(todo) == 1 else None  # one job: a bar per phase
     finished = 0

@@ -205,12 +205,20 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
     state.log(f"{len(todo)} jobs ({len(contents)} content x {len(styles)} style x {len(settings)} settings)"
               + (f"; {skipped} skipped, their output exists (--overwrite redoes them)" if skipped else "")
               + (f"; {size} ranks" if size > 1 else ""))
-    mine = shard.share([j for j in todo if j.status == "pending"], len(contents), len(styles))
+    pending = [j for j in todo if j.status == "pending"]
+    mine = shard.share(pending)
+    shard.log(f"{len(mine)} of the {len(pending)} pending jobs", state.args.quiet)
+    ours = {id(j) for j in mine}
+    bar = shard.RunProgress([folder / j.output for j in pending if id(j) not in ours], len(pending),
+                            enabled=not state.quiet and len(pending) > 1) if size > 1 else None
     state.overwrite_extras = True  # the run folder's own files
     try:
         if mine:
             state.load(settings[0].cfg, [s for j in mine for s in (j.content, j.style)])
-            batch.run_jobs(state, mine, settings, folder)
+            batch.run_jobs(state, mine, settings, folder, progress=bar)
+            shard.log(f"{sum(j.status == 'done' for j in mine)} done, {sum(j.status == 'failed' for j in mine)} "
+                      f"failed on {batch.device_of(state.sd)}; {state.counts['images_inverted']} images inverted, "
+                      f"{state.counts['images_from_cache']} from the cache", state.args.quiet)
     except KeyboardInterrupt:
         if size == 1:  # the index lists what is finished
             write_index(folder, settings, [j for j in todo if j.status != "pending"])
@@ -226,6 +234,8 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
                 job.status, job.error, job.seconds = done[job.output]
                 job.rank = r if size > 1 else None
     counts = {s: sum(j.status == s for j in todo) for s in ("done", "skipped", "failed")}
+    if bar is not None:
+        bar.finish()
     if rank == 0:
         write_index(folder, settings, todo)
         write_atomic(folder / jobs.GRID, grid.png_bytes(todo, settings, folder), overwrite=True, what="grid")

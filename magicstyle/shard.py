@@ -2,19 +2,24 @@
 
     torchrun --nproc_per_node=4 train_free_run.py --content portraits/ --style styles/ --output runs/grid
 
-Every rank plans the same run from the same command line, runs its share of the pending jobs (pairs grouped by
-content image, so that each content is inverted by one rank only; by style when there are fewer contents than
-ranks) and writes their PNGs; rank 0 gathers the results after a barrier and writes ``index.json``, ``grid.png`` and
-the report.  NCCL on CUDA, gloo on the CPU.  A rank that dies loses only its unfinished jobs: the same command run
+Every rank plans the same run from the same command line, runs its share of the pending jobs (``deal``: pairs
+grouped by content image, so that each content is inverted by one rank only; by style when there are fewer contents
+than ranks; balanced by the number of jobs) and writes their PNGs; rank 0 gathers the results after a barrier and
+writes ``index.json``, ``grid.png`` and the report.  NCCL on CUDA, gloo on the CPU.  A rank that dies loses only its unfinished jobs: the same command run
 again skips what exists (resume).
 """
 from __future__ import annotations
 
 import os
+import sys
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .progress import Progress
 
 
 def world() -> tuple[int, int]:
@@ -32,14 +37,56 @@ def start(device: str) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
 
 
-def share(jobs: list, n_contents: int, n_styles: int) -> list:
-    """This rank's jobs: whole pairs, grouped by content image (by style when there are fewer contents than ranks)."""
+def deal(jobs: list, ranks: int) -> list[list]:
+    """Jobs -> one list per rank, in the run's order.  Jobs are dealt in whole groups that share an image, so that
+    each image is inverted by one rank where possible: by content image; by style image when there are fewer
+    contents than ranks; then by pair, then job by job (an image is then inverted by several ranks, in parallel).
+    Groups go largest first to the rank with the fewest jobs (ties: the lower rank), so a resumed run, where some
+    contents have fewer pending jobs than others, is still balanced."""
+    keys = (lambda j: j.content.path, lambda j: j.style.path, lambda j: (j.content.path, j.style.path), id)
+    for key in keys:
+        groups: dict = {}
+        for job in jobs:
+            groups.setdefault(key(job), []).append(job)
+        if len(groups) >= ranks:
+            break
+    shares: list[list] = [[] for _ in range(ranks)]
+    for group in sorted(groups.values(), key=len, reverse=True):  # stable: equal sizes keep the run's order
+        min(shares, key=len).extend(group)
+    order = {id(job): i for i, job in enumerate(jobs)}
+    return [sorted(share, key=lambda j: order[id(j)]) for share in shares]
+
+
+def share(jobs: list) -> list:
+    """This rank's jobs (``deal``); all of them without torchrun."""
     rank, size = world()
-    if size == 1:
-        return jobs
-    by_content = n_contents >= size or n_contents >= n_styles
-    keys = list(dict.fromkeys(j.content.path if by_content else j.style.path for j in jobs))
-    return [j for j in jobs if keys.index(j.content.path if by_content else j.style.path) % size == rank]
+    return jobs if size == 1 else deal(jobs, size)[rank]
+
+
+def log(message: str, quiet: bool = False) -> None:
+    """A line on stderr from every rank under torchrun (``rank 1/4: ...``); nothing without torchrun or with --quiet."""
+    rank, size = world()
+    if size > 1 and not quiet:
+        print(f"rank {rank}/{size}: {message}", file=sys.stderr, flush=True)
+
+
+class RunProgress(Progress):
+    """Rank 0's bar for the whole run under torchrun: its own finished jobs plus the other ranks' jobs whose output
+    exists (the run folder is shared), over all pending jobs."""
+
+    def __init__(self, others: list[Path], total: int, **kwargs):
+        super().__init__(**kwargs)
+        self.others, self.run_total = others, total
+        self.phase, self.total, self.start = "jobs", total, time.perf_counter()  # a rank 0 without jobs: ``finish``
+
+    def begin(self, phase: str, total: int) -> None:
+        super().begin(phase, self.run_total)
+
+    def update(self, done: int) -> None:
+        super().update(min(done + sum(path.exists() for path in self.others), self.total))
+
+    def finish(self) -> None:
+        Progress.update(self, self.total)
 
 
 def agree(obj):
