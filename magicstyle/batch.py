@@ -22,7 +22,12 @@ from .images import save_png, to_image
 from .progress import Progress
 
 INVERT_BATCH = 4  # images per CSDI batch (a group with no more images is inverted in one batch)
-AUTO_PAIRS = {"cuda": 8}  # batch.pairs=auto per device type (others: 1; the H100's UNet is launch-bound at batch 2)
+# batch.pairs=auto: 1 on the CPU and MPS (a larger batch is no faster there); on CUDA, where the UNet is launch-bound
+# at batch 2 (H100), as many pairs as the free memory holds by the estimate below, at most MAX_AUTO_PAIRS.
+MAX_AUTO_PAIRS = 16  # 32 UNet rows: past the launch-bound regime, a larger batch gains nothing
+UNET_BYTES_PER_TOKEN = 24576  # one UNet row's activations per latent token and byte of dtype (bench/README.md: peak
+# RSS grows by 0.18 GiB per row of batch at 64x64 in bfloat16 on the CPU; not measured on a GPU)
+VAE_BYTES_PER_PIXEL = 768  # the VAE decoder's working set per output pixel and byte of dtype (estimate)
 
 
 def one_line(e: Exception) -> str:
@@ -35,8 +40,26 @@ def device_of(sd) -> torch.device:
     return next(unet.parameters()).device if unet is not None else torch.device("cpu")
 
 
-def pairs_per_batch(cfg: DictConfig, sd) -> int:
-    return AUTO_PAIRS.get(device_of(sd).type, 1) if cfg.batch.pairs == "auto" else cfg.batch.pairs
+def auto_pairs(free: int, size: int, image_bytes: int, rows: int, unet_bytes: int, vae_bytes: int) -> int:
+    """How many pairs fit in ``free`` bytes (less a 20% margin), 1 to MAX_AUTO_PAIRS.  A pair holds its content
+    image's inversion (``image_bytes``: the features in memory mode), ``rows`` UNet rows (2 guidance rows, plus up to
+    2 reference rows in recompute mode) and one VAE decode; ``unet_bytes``/``vae_bytes``: their dtypes' sizes."""
+    unet = rows * UNET_BYTES_PER_TOKEN * unet_bytes * (size // 8) ** 2
+    vae = VAE_BYTES_PER_PIXEL * vae_bytes * size * size
+    return max(1, min(MAX_AUTO_PAIRS, int(0.8 * free) // (image_bytes + unet + vae)))
+
+
+def pairs_per_batch(cfg: DictConfig, sd, image_bytes: int = 0) -> int:
+    """``batch.pairs``: the number given, or ``auto`` (``image_bytes``: one image's inversion on the device)."""
+    if cfg.batch.pairs != "auto":
+        return cfg.batch.pairs
+    device = device_of(sd)
+    if device.type != "cuda":
+        return 1
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    rows = 2 + (2 if cfg.store.mode == "recompute" else 0)
+    return auto_pairs(free, cfg.size, image_bytes, rows, next(sd.unet.parameters()).element_size(),
+                      next(sd.vae.parameters()).element_size())
 
 
 def chunks(items: list, n: int) -> list[list]:
@@ -131,7 +154,7 @@ def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = Fa
         except Exception as e:  # noqa: BLE001 - recorded per job; the other groups still run
             fail(group, e)
             continue
-        k = pairs_per_batch(cfg, run.sd)
+        k = pairs_per_batch(cfg, run.sd, kept.store.nbytes // len(kept))
         for chunk in [contents] if together else chunks(contents, k):
             mine = [j for j in group if j.content.path in chunk]
             fresh = [c for c in chunk if c not in known]  # a content that is also a style is inverted once

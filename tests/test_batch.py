@@ -111,3 +111,18 @@ def test_inversion_key_names_what_changes_csdi():
     assert inversion_key(config(seed=3)) == base
     sampled = {"sample_posterior": True}
     assert inversion_key(config(seed=3, inversion=sampled)) != inversion_key(config(inversion=sampled))
+
+
+def test_batch_pairs_auto_is_one_on_the_cpu_and_what_fits_on_cuda():
+    from types import SimpleNamespace
+
+    from magicstyle.batch import MAX_AUTO_PAIRS, auto_pairs, pairs_per_batch
+    cpu = SimpleNamespace(unet=torch.nn.Linear(1, 1))
+    assert pairs_per_batch(config(), cpu) == 1  # auto
+    assert pairs_per_batch(config(batch={"pairs": 3}), cpu) == 3
+    gib, features = 2**30, 340 * 2**20  # one image's memory-mode features at 512 px, 30 steps
+    # a pair at 512 px, float16 UNet, float32 VAE: 340 MiB + 2 rows x 192 MiB + 768 MiB = 1492 MiB
+    assert auto_pairs(70 * gib, 512, features, 2, 2, 4) == MAX_AUTO_PAIRS
+    assert auto_pairs(8 * gib, 512, features, 2, 2, 4) == int(0.8 * 8 * 1024 / 1492)
+    assert auto_pairs(gib // 2, 512, features, 2, 2, 4) == 1  # never 0
+    assert auto_pairs(8 * gib, 512, 0, 4, 2, 4) == int(0.8 * 8 * 1024 / 1536)  # recompute: no features, 4 rows
