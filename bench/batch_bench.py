@@ -90,7 +90,8 @@ def run_grid(weights: Path, folder: Path, contents: int, styles: int, *, size: i
     r = json.loads(report.read_text())
     seconds = wall - r["seconds"]["load"]  # the run without loading the model
     return {"report": r, "seconds": seconds, "unet_seconds": unet["seconds"], "unet_rows": unet["rows"],
-            "peak_rss_gib": peak_rss_gib(), "peak_cuda_gib": r.get("peak_cuda_bytes", 0) / 2**30}
+            "peak_rss_gib": peak_rss_gib(),
+            "peak_cuda": f"{r['peak_cuda_bytes'] / 2**30:.2f}" if "peak_cuda_bytes" in r else "-"}
 
 
 def batch_section(weights: Path, *, grid: tuple[int, int], size: int, steps: int, dtype: str, mode: str = "memory",
@@ -117,7 +118,7 @@ def batch_section(weights: Path, *, grid: tuple[int, int], size: int, steps: int
             rows.append(
                 f"| {name} | {n} | {pairs} | {r['seconds']:.1f} | {n / r['seconds']:.3f} | {r['unet_rows']} "
                 f"| {r['unet_rows'] / n:.1f} | {r['unet_rows'] / n / single:.2f} | {r['unet_rows'] / r['seconds']:.2f} "
-                f"| {r['peak_rss_gib']:.2f} | {r['peak_cuda_gib']:.2f} "
+                f"| {r['peak_rss_gib']:.2f} | {r['peak_cuda']} "
                 f"| {100 * (1 - r['unet_seconds'] / r['seconds']):.1f}% |")
             print(rows[-1], file=sys.stderr, flush=True)
     return rows

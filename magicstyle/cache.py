@@ -5,10 +5,12 @@ recompute mode, the recorded attention inputs in memory mode), named by the SHA-
 ``inversion_key(cfg)``, so that another run, sweep, process or machine sharing the folder finds it.  Memory-mode
 entries are large (about 340 MiB per image at 512 px): they are kept only with ``batch.cache_features=true``.
 
-File layout: 8 bytes of magic, the 32-byte SHA-256 of the payload, then the payload (safetensors: the tensors, and
-the steps, layers and store settings as metadata).  Entries are written to a temporary file and renamed into place,
-so two processes writing the same entry leave one complete entry; an entry whose checksum does not match (a flipped
-byte, a truncated copy) is reported in one line and recomputed, never used.
+An entry is a plain safetensors file, ``<image sha256>-<inversion key>.safetensors``.  Its metadata holds the format,
+the image hash and inversion key it was made for, the steps, layers and store settings, and ``sha256``: a digest of
+the rest of the metadata and of every tensor's name, dtype, shape and bytes.  Entries are written to a temporary file
+and renamed into place, so two processes writing the same entry leave one complete entry; an entry that does not
+parse, whose digest does not match (a flipped byte, a truncated copy) or that was made for another image or key is
+reported in one line and recomputed, never used.
 """
 from __future__ import annotations
 
@@ -23,12 +25,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from attention import FeatureStore
+from models.safetensors_file import header_problem, parse_header
 
 from .config import DTYPES
 from .inversion import Inversion, inversion_key
 from .output import write_atomic
 
-MAGIC = b"MSINV001"
+FORMAT = "magicstyle-inversion-cache/1"
+SUFFIX = ".safetensors"
 
 
 def enabled(cfg: DictConfig) -> bool:
@@ -36,53 +40,78 @@ def enabled(cfg: DictConfig) -> bool:
     return bool(cfg.batch.cache) and (cfg.store.mode == "recompute" or cfg.batch.cache_features)
 
 
-def entry(image: Path, cfg: DictConfig) -> Path:
-    """The cache file of ``image`` under ``cfg``: <image content hash>-<inversion key>.inv."""
+def image_sha256(image: Path) -> str:
     h = hashlib.sha256()
     with open(image, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return Path(cfg.batch.cache).expanduser() / f"{h.hexdigest()[:24]}-{inversion_key(cfg)}.inv"
+    return h.hexdigest()
 
 
-def encode(inv: Inversion) -> bytes:
-    """One image's inversion -> the bytes of a cache entry."""
+def entry(image: Path, cfg: DictConfig) -> Path:
+    """The cache file of ``image`` under ``cfg``: <image content hash>-<inversion key>.safetensors."""
+    return Path(cfg.batch.cache).expanduser() / f"{image_sha256(image)}-{inversion_key(cfg)}{SUFFIX}"
+
+
+def digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the metadata (but ``sha256``) and of each tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"\n{name} {str(t.dtype).removeprefix('torch.')} {list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def encode(inv: Inversion, image: str = "", key: str = "") -> bytes:
+    """One image's inversion -> the bytes of a cache entry (a safetensors file) for image hash ``image``, ``key``."""
     store = inv.store
     tensors = {"z_T": inv.z_T, "context": inv.context}
     tensors.update({f"latents/{t}": v for t, v in store.latents.items()})
     names = sorted(store.features)
     tensors.update({f"features/{i}": store.features[k] for i, k in enumerate(names)})
-    meta = {"timesteps": inv.timesteps, "layers": inv.layers, "mode": store.mode,
-            "dtype": next(k for k, v in DTYPES.items() if v == store.dtype),
-            "recorded": None if store.timesteps is None else sorted(store.timesteps), "features": names}
-    payload = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                      metadata={"inversion": json.dumps(meta)})
-    return MAGIC + hashlib.sha256(payload).digest() + payload
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    inversion = {"timesteps": inv.timesteps, "layers": inv.layers, "mode": store.mode,
+                 "dtype": next(k for k, v in DTYPES.items() if v == store.dtype),
+                 "recorded": None if store.timesteps is None else sorted(store.timesteps), "features": names}
+    meta = {"format": FORMAT, "image_sha256": image, "inversion_key": key, "inversion": json.dumps(inversion)}
+    meta["sha256"] = digest(meta, tensors)
+    return st_save(tensors, metadata=meta)
 
 
-def decode(data: bytes, device: torch.device) -> Inversion:
-    """The bytes of a cache entry -> the inversion; ValueError when they are not a complete, intact entry."""
-    if data[:8] != MAGIC or len(data) < 40:
+def decode(data: bytes, device: torch.device, image: str | None = None, key: str | None = None) -> Inversion:
+    """The bytes of a cache entry -> the inversion; ValueError when they are not a complete, intact entry (for
+    ``image`` and ``key``, when given)."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else None
+    if n is None or n > len(data) - 8:
+        raise ValueError("truncated")
+    header = parse_header(data[8:8 + n])  # ValueError: not a JSON object, duplicate keys, ...
+    if problem := header_problem(header, len(data) - 8 - n):
+        raise ValueError(problem.removeprefix("has a ").removeprefix("is "))
+    meta = header.get("__metadata__") or {}
+    tensors = st_load(data)
+    if meta.get("format") != FORMAT:
         raise ValueError("not a MagicStyle inversion cache entry")
-    payload = data[40:]
-    if hashlib.sha256(payload).digest() != data[8:40]:
+    if meta.get("sha256") != digest(meta, tensors):
         raise ValueError("checksum mismatch")
-    tensors = {k: v.to(device) for k, v in st_load(payload).items()}
-    with_meta = st_metadata(payload)
-    meta = json.loads(with_meta["inversion"])
+    for name, want in (("image_sha256", image), ("inversion_key", key)):
+        if want is not None and meta.get(name) != want:
+            raise ValueError(f"made for another {name}")
+    info = json.loads(meta["inversion"])
+    tensors = {k: v.to(device) for k, v in tensors.items()}
     store = FeatureStore(
-        mode=meta["mode"], dtype=DTYPES[meta["dtype"]], images=tensors["z_T"].shape[0],
-        timesteps=None if meta["recorded"] is None else set(meta["recorded"]),
-        features={tuple(k): tensors[f"features/{i}"] for i, k in enumerate(meta["features"])},
+        mode=info["mode"], dtype=DTYPES[info["dtype"]], images=tensors["z_T"].shape[0],
+        timesteps=None if info["recorded"] is None else set(info["recorded"]),
+        features={tuple(k): tensors[f"features/{i}"] for i, k in enumerate(info["features"])},
         latents={int(k.split("/")[1]): v for k, v in tensors.items() if k.startswith("latents/")},
     )
-    return Inversion(tensors["z_T"], meta["timesteps"], meta["layers"], store, tensors["context"])
+    return Inversion(tensors["z_T"], info["timesteps"], info["layers"], store, tensors["context"])
 
 
-def st_metadata(payload: bytes) -> dict:
-    """The ``__metadata__`` of a safetensors payload (its JSON header)."""
-    n = int.from_bytes(payload[:8], "little")
-    return json.loads(payload[8:8 + n]).get("__metadata__", {})
+def identity(path: Path) -> tuple[str | None, str | None]:
+    """(image hash, inversion key) from an entry's file name; (None, None) for a name ``entry`` did not make."""
+    image, _, key = path.name.removesuffix(SUFFIX).partition("-")
+    return (image, key) if path.name.endswith(SUFFIX) and len(image) == 64 and key else (None, None)
 
 
 def load(path: Path, device: torch.device) -> Inversion | None:
@@ -95,7 +124,7 @@ def load(path: Path, device: torch.device) -> Inversion | None:
         print(f"note: cannot read inversion cache entry {path} ({e.strerror or e}); recomputing it", file=sys.stderr)
         return None
     try:
-        return decode(data, device)
+        return decode(data, device, *identity(path))
     except Exception as e:  # noqa: BLE001 - whatever is wrong with the bytes, the entry is not used
         print(f"note: inversion cache entry {path} is corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__});"
               " recomputing it", file=sys.stderr)
@@ -103,4 +132,4 @@ def load(path: Path, device: torch.device) -> Inversion | None:
 
 
 def save(path: Path, inv: Inversion) -> None:
-    write_atomic(path, encode(inv), overwrite=True, what="inversion cache entry")
+    write_atomic(path, encode(inv, *[v or "" for v in identity(path)]), overwrite=True, what="inversion cache entry")

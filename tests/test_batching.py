@@ -79,7 +79,7 @@ def test_the_inversion_cache_is_reused_and_a_corrupt_entry_recomputed(inputs, ca
 
     assert run("first.json") == (3, 0)
     entries = sorted(folder.iterdir())
-    assert len(entries) == 3 and all(e.suffix == ".inv" for e in entries)
+    assert len(entries) == 3 and all(e.suffix == ".safetensors" for e in entries)
     first = pngs(inputs.output)
     assert run("second.json", "--overwrite") == (0, 3)  # another run, the same cache: no inversion at all
     assert max(np.abs(first[k] - v).max() for k, v in pngs(inputs.output).items()) <= 1
@@ -106,7 +106,7 @@ def test_a_cache_entry_round_trips_and_concurrent_writers_leave_one_valid_entry(
     assert back.store.features.keys() == inv.store.features.keys() and back.timesteps == inv.timesteps
     torch.testing.assert_close(fff(sd, back, cfg, pairs=[(1, 0)]), fff(sd, inv, cfg, pairs=[(1, 0)]), rtol=0, atol=0)
 
-    path = tmp_path / "entry.inv"
+    path = tmp_path / "entry.safetensors"
     writers = [multiprocessing.get_context("fork").Process(target=_write_many, args=(path, inv.select([i])))
                for i in range(2)]
     for w in writers:
