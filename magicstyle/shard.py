@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
 from .progress import Progress
 
 
@@ -33,7 +34,11 @@ def start(device: str) -> None:
         return
     cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        local, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local >= gpus:
+            raise ConfigError(f"torchrun started more processes on this machine than it has GPUs ({gpus}); use "
+                              f"--nproc_per_node={gpus}, or --device cpu")
+        torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
 
 

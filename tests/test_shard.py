@@ -13,10 +13,13 @@ import sys
 from itertools import product
 from types import SimpleNamespace
 
+import pytest
+import torch
 from PIL import Image
 
 from _tiny import gradient, write_config
 from conftest import ROOT
+from magicstyle import ConfigError, shard
 from magicstyle.shard import deal
 
 STYLE = ROOT / "examples" / "ihc.png"
@@ -114,3 +117,12 @@ def test_a_rank_killed_mid_run_loses_only_its_unfinished_jobs(tmp_path):
     # each pending job ran exactly once: 2 steps x (1 row per image inverted + 2 guidance rows per job generated)
     assert r["unet_rows"] == 2 * (r["images_inverted"] + 2 * r["jobs_done"])
     assert "rank 1/2:" in second.stderr and "rank 0/2:" in second.stderr  # per-rank log lines
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="--nproc_per_node=1, or --device cpu"):
+        shard.start("auto")
