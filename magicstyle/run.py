@@ -216,16 +216,14 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
         if mine:
             state.load(settings[0].cfg, [s for j in mine for s in (j.content, j.style)])
             batch.run_jobs(state, mine, settings, folder, progress=bar)
-            shard.log(f"{sum(j.status == 'done' for j in mine)} done, {sum(j.status == 'failed' for j in mine)} "
-                      f"failed on {batch.device_of(state.sd)}; {state.counts['images_inverted']} images inverted, "
-                      f"{state.counts['images_from_cache']} from the cache", state.args.quiet)
     except KeyboardInterrupt:
         if size == 1:  # the index lists what is finished
             write_index(folder, settings, [j for j in todo if j.status != "pending"])
         raise
-    if size > 1 and not state.args.quiet:  # a line per rank in the log; rank 0 also draws the run's bar
-        print(f"rank {rank}: {sum(j.status == 'done' for j in mine)} jobs done, "
-              f"{sum(j.status == 'failed' for j in mine)} failed, of {len(mine)}", file=sys.stderr)
+    shard.log(f"{sum(j.status == 'done' for j in mine)} jobs done, {sum(j.status == 'failed' for j in mine)} failed, "
+              f"of {len(mine)}" + (f", on {batch.device_of(state.sd)}; {state.counts['images_inverted']} images "
+                                   f"inverted, {state.counts['images_from_cache']} from the cache" if mine else ""),
+              state.args.quiet)  # a line per rank in the log; rank 0 also draws the run's bar
     results = shard.gather(({j.output: (j.status, j.error, j.seconds) for j in mine}, state.seconds, state.counts,
                             peak_rss_bytes()))
     for r, (done, *_) in enumerate(results):
