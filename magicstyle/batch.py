@@ -49,8 +49,9 @@ def auto_pairs(free: int, size: int, image_bytes: int, rows: int, unet_bytes: in
     return max(1, min(MAX_AUTO_PAIRS, int(0.8 * free) // (image_bytes + unet + vae)))
 
 
-def pairs_per_batch(cfg: DictConfig, sd, image_bytes: int = 0) -> int:
-    """``batch.pairs``: the number given, or ``auto`` (``image_bytes``: one image's inversion on the device)."""
+def pairs_per_batch(cfg: DictConfig, sd, kept=None) -> int:
+    """``batch.pairs``: the number given, or ``auto`` (``kept``: the inversion held for the whole group, whose
+    per-image size estimates a content image's)."""
     if cfg.batch.pairs != "auto":
         return cfg.batch.pairs
     device = device_of(sd)
@@ -58,6 +59,7 @@ def pairs_per_batch(cfg: DictConfig, sd, image_bytes: int = 0) -> int:
         return 1
     free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     rows = 2 + (2 if cfg.store.mode == "recompute" else 0)
+    image_bytes = kept.store.nbytes // len(kept) if kept is not None else 0
     return auto_pairs(free, cfg.size, image_bytes, rows, next(sd.unet.parameters()).element_size(),
                       next(sd.vae.parameters()).element_size())
 
@@ -154,7 +156,7 @@ def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = Fa
         except Exception as e:  # noqa: BLE001 - recorded per job; the other groups still run
             fail(group, e)
             continue
-        k = pairs_per_batch(cfg, run.sd, kept.store.nbytes // len(kept))
+        k = pairs_per_batch(cfg, run.sd, kept)
         for chunk in [contents] if together else chunks(contents, k):
             mine = [j for j in group if j.content.path in chunk]
             fresh = [c for c in chunk if c not in known]  # a content that is also a style is inverted once

@@ -22,7 +22,8 @@ from test_jobs import STYLE, cli, inputs, pngs_of, quietly  # noqa: F401 - input
 def test_torchrun_shards_the_jobs_over_two_ranks(inputs):
     """2 processes, gloo on the CPU: every pending job runs exactly once, on the rank of its content image; an
     output that exists (a job finished before a rank died) is skipped, not redone."""
-    cfg = OmegaConf.to_container(load_config(inputs.config, None, ["ffa.beta=1", "ffa.alpha=0.0", "model.device=cpu"]), resolve=True)
+    over = ["ffa.beta=1", "ffa.alpha=0.0", "model.device=cpu"]
+    cfg = OmegaConf.to_container(load_config(inputs.config, None, over), resolve=True)
     existing = inputs.output / "b_ihc_ffa.beta=1.png"
     save_png(Image.new("RGB", (64, 64)), existing, json.dumps({"config": cfg}))  # as if a rank had finished it
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
