@@ -5,6 +5,7 @@ port of 127.0.0.1, bounded by a timeout.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -126,3 +127,15 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match="--nproc_per_node=1, or --device cpu"):
         shard.start("auto")
+
+
+def test_rank_0_draws_one_bar_for_the_whole_run(tmp_path):
+    others = [tmp_path / "x.png", tmp_path / "y.png"]  # the other ranks' jobs
+    others[0].write_bytes(b"finished by rank 1")
+    stream = io.StringIO()
+    bar = shard.RunProgress(others, total=4, stream=stream)
+    bar.begin("jobs", 1)  # run_jobs begins it with rank 0's own share ...
+    bar.update(1)  # ... and counts its own jobs; the bar adds the other ranks' finished outputs
+    assert stream.getvalue().split("\r")[-1].startswith("jobs        2/4")
+    bar.finish()
+    assert stream.getvalue().split("\r")[-1].startswith("jobs        4/4") and stream.getvalue().endswith("\n")
