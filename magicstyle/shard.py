@@ -5,8 +5,8 @@
 Every rank plans the same run from the same command line, runs its share of the pending jobs (``deal``: pairs
 grouped by content image, so that each content is inverted by one rank only; by style when there are fewer contents
 than ranks; balanced by the number of jobs) and writes their PNGs; rank 0 gathers the results after a barrier and
-writes ``index.json``, ``grid.png`` and the report.  NCCL on CUDA, gloo on the CPU.  A rank that dies loses only its unfinished jobs: the same command run
-again skips what exists (resume).
+writes ``index.json``, ``grid.png`` and the report.  NCCL on CUDA, gloo on the CPU.  A rank that dies loses only
+its unfinished jobs: the same command run again skips what exists (resume).
 """
 from __future__ import annotations
 
@@ -83,15 +83,19 @@ class RunProgress(Progress):
         super().__init__(**kwargs)
         self.others, self.run_total = others, total
         self.phase, self.total, self.start = "jobs", total, time.perf_counter()  # a rank 0 without jobs: ``finish``
+        self.shown = 0
 
     def begin(self, phase: str, total: int) -> None:
         super().begin(phase, self.run_total)
 
     def update(self, done: int) -> None:
-        super().update(min(done + sum(path.exists() for path in self.others), self.total))
+        self.shown = min(done + sum(path.exists() for path in self.others), self.total)
+        super().update(self.shown)
 
     def finish(self) -> None:
-        Progress.update(self, self.total)
+        """After the barrier: the whole run is done (the bar's last line, unless it was drawn already)."""
+        if self.shown < self.total:
+            self.update(self.total)
 
 
 def agree(obj):
