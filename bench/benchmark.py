@@ -2,6 +2,8 @@
 
     python bench/benchmark.py --unet                      # UNet forward per dtype and batch (random weights)
     python bench/benchmark.py --unet --weights weights/realisticVisionV60B1_v51VAE.safetensors
+    python bench/benchmark.py --unet --against diffusers  # ours and diffusers' UNet alternated (bench/against.py)
+    python bench/benchmark.py --unet --against prepack    # prepacked convolutions on against off
     python bench/benchmark.py --pipeline --store          # the full pipeline and the feature store
     python bench/benchmark.py --device cuda --steps 30    # on a GPU: issue 11's table (bench/gpu_bench.py)
     python bench/benchmark.py --batch --grid 2x2          # a content x style grid through the runner (pairs/s, rows)
@@ -30,7 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from magicstyle.config import DTYPES  # noqa: E402
+from attention.core import set_cpu_attention  # noqa: E402
 from models.config import SD15Config  # noqa: E402
+from models.conv import set_prepack  # noqa: E402
+from models.cpu_tuning import cpu_info, tune  # noqa: E402
 from models.loader import UNET_PREFIX, SafetensorsFile, component_keys, load_component  # noqa: E402
 from models.unet import UNet  # noqa: E402
 
@@ -98,6 +103,34 @@ def time_unet(unet: UNet, batch: int, latent: int, dtype: torch.dtype, *, warmup
     return {"first": seconds[0], "median": statistics.median(timed), "min": min(timed), "peak_rss": peak_rss_gib()}
 
 
+def tuned(unet: UNet, dtype: torch.dtype):
+    """Apply what ``model.prepack: auto`` and the attention choice pick on this CPU (``models/cpu_tuning.py``)."""
+    choice = tune(dtype)
+    set_prepack(unet, choice.prepack)
+    set_cpu_attention(choice.attention)
+    print(f"{dtype}: prepack {'on' if choice.prepack else 'off'}, attention {choice.attention} ({choice.source})",
+          file=sys.stderr, flush=True)
+    return choice
+
+
+def against_section(weights: Path | None, against: str, *, dtypes, batches, latent: int, rounds: int,
+                    best_of: int) -> list[str]:
+    from against import against_section as row, header
+
+    rows = [f"UNet forward against {against}, {latent}x{latent} latent, "
+            f"{'weights ' + str(weights) if weights else 'random weights'}, {rounds} alternated rounds, "
+            f"best of {best_of} per round", ""] + header(against)
+    for name in dtypes:
+        unet = checkpoint_unet(weights, DTYPES[name]) if weights else random_unet(DTYPES[name])
+        choice = tuned(unet, DTYPES[name])
+        for batch in batches:
+            rows += row(unet, DTYPES[name], choice, against=against, batch=batch, latent=latent, rounds=rounds,
+                        best_of=best_of)
+            print(rows[-1], file=sys.stderr, flush=True)
+        del unet
+    return rows
+
+
 def unet_section(weights: Path | None, *, dtypes, batches, latent: int, warmup: int, runs: int) -> list[str]:
     rows = [
         f"UNet forward, {latent}x{latent} latent ({8 * latent}px), context (B, 77, 768), "
@@ -108,6 +141,7 @@ def unet_section(weights: Path | None, *, dtypes, batches, latent: int, warmup: 
     ]
     for name in dtypes:
         unet = checkpoint_unet(weights, DTYPES[name]) if weights else random_unet(DTYPES[name])
+        tuned(unet, DTYPES[name])
         for batch in batches:
             r = time_unet(unet, batch, latent, DTYPES[name], warmup=warmup, runs=runs)
             rows.append(
@@ -177,7 +211,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="--batch: skip the second run from the inversion cache")
     parser.add_argument("--weights", type=Path, help="a real SD1.5 .safetensors checkpoint (default: random weights)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--batches", nargs="+", type=int, help="UNet batch sizes (default 1 2 4; with --against: 2)")
+    parser.add_argument("--against", choices=["diffusers", "prepack"],
+                        help="--unet: alternate our UNet with diffusers' (a benchmark-only package), or prepack on/off")
+    parser.add_argument("--rounds", type=int, default=6, help="--against: alternated rounds")
+    parser.add_argument("--best-of", type=int, default=2, help="--against: forwards per model per round")
     parser.add_argument("--latent", type=int, default=64, help="latent side (64 = 512px images)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
@@ -198,10 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.unet or args.pipeline or args.store or args.batch):
         parser.error("choose at least one section: --unet, --pipeline, --store, --batch")
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
-          f", {os.cpu_count()} CPUs\n")
-    if args.unet:
-        rows = unet_section(args.weights, dtypes=args.dtypes, batches=args.batches, latent=args.latent,
+    print(f"CPU: {cpu_info().line()}, {os.cpu_count()} CPUs; torch {torch.__version__}, {torch.get_num_threads()} "
+          "threads\n")
+    if args.unet and args.against:
+        rows = against_section(args.weights, args.against, dtypes=args.dtypes, batches=args.batches or [2],
+                               latent=args.latent, rounds=args.rounds, best_of=args.best_of)
+        print("\n".join(rows) + "\n", flush=True)
+    elif args.unet:
+        rows = unet_section(args.weights, dtypes=args.dtypes, batches=args.batches or [1, 2, 4], latent=args.latent,
                             warmup=args.warmup, runs=args.runs)
         print("\n".join(rows) + "\n", flush=True)
     if args.pipeline or args.store or args.batch:

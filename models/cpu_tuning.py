@@ -1,0 +1,203 @@
+"""Which CPU fast paths this machine should use: prepacked convolutions or not, and which attention kernel.
+
+What is fastest depends on the CPU family, not only on its flags (``bench/README.md``, one table per family): the
+prepacked oneDNN convolutions of ``models/conv.py`` pay off on Xeons with AMX and lose on an AMD EPYC with
+AVX512-BF16.  ``tune(dtype)`` therefore times a few representative convolutions of the SD1.5 UNet and VAE with and
+without the prepacked weight, and the attention kernels of ``attention/core.py`` at the UNet's largest self-attention
+(4096 tokens), once per CPU model, torch version and dtype, and keeps the answer in the user's cache folder
+(``$XDG_CACHE_HOME/magicstyle`` or ``~/.cache/magicstyle``, file ``cpu_tuning.json``).  Where the micro-benchmark
+cannot run, a capability rule decides: prepack where the CPU has AMX, PyTorch's SDPA for attention.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from attention.core import ATTENTION_KERNELS
+
+from .conv import Conv2d
+
+CACHE_NAME = "cpu_tuning.json"
+# (in channels, out channels, side, kernel, batch) of the convolutions timed: the UNet's four levels at 512 px (the
+# 2560 -> 1280 one is an output block's first convolution on the concatenated skip) and a 512-channel VAE convolution.
+# Batch 1 and a 32x32 VAE input keep the one-time cost to a few seconds.
+CONV_SHAPES = ((320, 320, 64, 3, 1), (640, 640, 32, 3, 1), (1280, 1280, 16, 3, 1), (2560, 1280, 8, 3, 1),
+               (512, 512, 32, 3, 1))
+ATTENTION_SHAPE = (1, 2, 4096, 40)  # (B, heads, tokens, d): self-attention at the UNet's 64x64 level (512 px), 2 heads
+PREPACK_MARGIN = 0.03  # prepack only if it saves 3% of the convolution time: it costs a second copy of the weights
+ATTENTION_MARGIN = 0.05  # leave PyTorch's SDPA only for a kernel at least 5% faster
+REPEATS = 2  # best of 2, the paths alternating, after one warm-up call each
+
+
+@dataclass(frozen=True)
+class CPUInfo:
+    model: str  # e.g. "Intel(R) Xeon(R) Processor (family 6, model 207)"
+    amx: bool  # AMX tiles usable (bfloat16 matrix units)
+    avx512_bf16: bool
+
+    def line(self) -> str:
+        yes = {True: "yes", False: "no"}
+        return f"{self.model}, AMX {yes[self.amx]}, AVX512-BF16 {yes[self.avx512_bf16]}"
+
+
+@dataclass(frozen=True)
+class CPUChoice:
+    prepack: bool  # Conv2d on prepacked oneDNN weights
+    attention: str  # a name in attention.core.ATTENTION_KERNELS
+    source: str  # "measured", "cached" or "capability"
+
+
+def _flag(name: str) -> bool:
+    try:
+        return bool(getattr(torch.cpu, name)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_info() -> CPUInfo:
+    """The CPU model (``/proc/cpuinfo``'s model name with family and model numbers) and the flags that matter here."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return CPUInfo(name, _flag("_is_amx_tile_supported"), _flag("_is_avx512_bf16_supported"))
+
+
+def capability_choice(info: CPUInfo) -> CPUChoice:
+    """The rule used where nothing was measured: prepacked weights pay off with AMX (bench/README.md)."""
+    return CPUChoice(prepack=info.amx, attention="sdpa", source="capability")
+
+
+def choose(timings: dict) -> CPUChoice:
+    """The decision from measured seconds: ``{"conv": {"prepacked": s, "plain": s}, "attention": {kernel: s}}``."""
+    conv = timings["conv"]
+    prepack = conv["prepacked"] < (1 - PREPACK_MARGIN) * conv["plain"]
+    attention = timings["attention"]
+    fastest = min(attention, key=attention.get)
+    if fastest != "sdpa" and attention[fastest] >= (1 - ATTENTION_MARGIN) * attention["sdpa"]:
+        fastest = "sdpa"
+    return CPUChoice(prepack=prepack, attention=fastest, source="measured")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The micro-benchmark
+
+
+def best_times(runs: dict[str, Callable[[], object]], timer: Callable[[], float] = time.perf_counter,
+               repeats: int = REPEATS) -> dict[str, float]:
+    """The best time of each callable over ``repeats`` rounds, alternating them, after one warm-up call each."""
+    for run in runs.values():
+        run()
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = timer()
+            run()
+            best[name] = min(best[name], timer() - start)
+    return best
+
+
+def measure_convs(dtype: torch.dtype, shapes=CONV_SHAPES, timer=time.perf_counter, repeats=REPEATS) -> dict:
+    """Total seconds of ``shapes`` (channels-last input, as in the models) with and without prepacked weights."""
+    total = {"prepacked": 0.0, "plain": 0.0}
+    g = torch.Generator().manual_seed(0)
+    for cin, cout, side, kernel, batch in shapes:
+        packed = Conv2d(cin, cout, kernel, padding=kernel // 2, dtype=dtype).requires_grad_(False)
+        plain = Conv2d(cin, cout, kernel, padding=kernel // 2, dtype=dtype).requires_grad_(False)
+        plain.load_state_dict(packed.state_dict())
+        plain.prepack = False
+        x = torch.randn(batch, cin, side, side, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            best = best_times({"prepacked": lambda: packed(x), "plain": lambda: plain(x)}, timer, repeats)
+        for name in total:
+            total[name] += best[name]
+    return total
+
+
+def measure_attention(dtype: torch.dtype, shape=ATTENTION_SHAPE, timer=time.perf_counter, repeats=REPEATS) -> dict:
+    """Seconds of each kernel in ``ATTENTION_KERNELS`` on q, k, v laid out as ``multihead_attention`` passes them."""
+    B, heads, n, d = shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, n, heads * d, generator=g).to(dtype).unflatten(-1, (heads, d)).transpose(1, 2)
+               for _ in range(3))
+    with torch.inference_mode():
+        return best_times({name: (lambda f=f: f(q, k, v)) for name, f in ATTENTION_KERNELS.items()}, timer, repeats)
+
+
+def measure(dtype: torch.dtype) -> dict:
+    return {"conv": measure_convs(dtype), "attention": measure_attention(dtype)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The cache
+
+
+def cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "magicstyle" / CACHE_NAME
+
+
+def cache_key(info: CPUInfo, dtype: torch.dtype) -> str:
+    return f"{info.model} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')}"
+
+
+def read_cache(path: Path) -> dict:
+    """The cache's entries; a missing, unreadable or malformed file is an empty cache (it is measured again)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_cache(path: Path, entries: dict) -> None:
+    """Write the cache through a temporary file and a rename; a cache that cannot be written is skipped silently."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(entries, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def tune(dtype: torch.dtype, *, info: CPUInfo | None = None, path: Path | None = None,
+         measure: Callable[[torch.dtype], dict] = measure) -> CPUChoice:
+    """The fast paths for this CPU and ``dtype``: from the cache, else measured once and cached, else by capability."""
+    info = info or cpu_info()
+    path = path or cache_file()
+    key = cache_key(info, dtype)
+    entries = read_cache(path)
+    entry = entries.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("prepack"), bool) and entry.get("attention") in ATTENTION_KERNELS:
+        return CPUChoice(prepack=entry["prepack"], attention=entry["attention"], source="cached")
+    if dtype not in (torch.float32, torch.bfloat16):  # no oneDNN path to choose (float16 runs plain convolutions)
+        return capability_choice(info)
+    try:
+        timings = measure(dtype)
+        choice = choose(timings)
+    except Exception:  # no oneDNN, no bfloat16 kernels, out of memory: the capability rule decides, nothing cached
+        return capability_choice(info)
+    entries[key] = {"prepack": choice.prepack, "attention": choice.attention, "seconds": timings, "cpu": info.line()}
+    write_cache(path, entries)
+    return choice
