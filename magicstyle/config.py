@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from attention import RECIPES
+from attention.core import ATTENTION_KERNELS
 from models.errors import MagicStyleError
 
 from .hub import HubError, is_hub_ref, parse_ref
@@ -141,7 +142,10 @@ def validate(cfg: DictConfig) -> None:
     choice("store.dtype", tuple(DTYPES))
     choice("ffa.recipe", tuple(RECIPES))
     choice("ffa.cfg_rows", ("both", "cond"))
-    for key in ("ffa.adain_values", "ffa.adain_latents", "inversion.sample_posterior", "model.prepack",
+    prepack = cfg.model.prepack
+    check(isinstance(prepack, bool) or prepack == "auto", f"model.prepack must be auto, true or false, not {prepack!r}")
+    choice("model.attention", ("auto", *ATTENTION_KERNELS))
+    for key in ("ffa.adain_values", "ffa.adain_latents", "inversion.sample_posterior",
                 "batch.cache_features"):
         check(isinstance(OmegaConf.select(cfg, key), bool), f"{key} must be true or false")
     for key in ("inversion.prompt", "generation.prompt", "generation.negative_prompt"):

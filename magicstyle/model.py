@@ -9,7 +9,9 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from models import SD15, load_sd15
+from attention.core import set_cpu_attention
 from models.conv import cpu_has_bf16, set_prepack
+from models.cpu_tuning import fast_paths
 
 from .compiled import compile_unet, use_compile
 from .config import DTYPES, ConfigError
@@ -56,8 +58,12 @@ def load_model(cfg: DictConfig) -> SD15:
         vae=files.get("model.vae"),
         hparams=Path(cfg.model.hparams).expanduser() if cfg.model.hparams else None,
     )
-    for model in (sd.unet, sd.vae):
-        set_prepack(model, cfg.model.prepack)
+    # model.prepack / model.attention: auto is timed once per CPU model and dtype and cached (models/cpu_tuning.py)
+    paths = fast_paths(cfg.model.prepack, cfg.model.attention, dtype, device)
+    vae_paths = paths if vae_dtype == dtype else fast_paths(cfg.model.prepack, cfg.model.attention, vae_dtype, device)
+    set_prepack(sd.unet, paths.prepack)
+    set_prepack(sd.vae, vae_paths.prepack)
+    set_cpu_attention(paths.attention)
     if use_compile(cfg.model.compile, device):
         compile_unet(sd.unet)  # compiles lazily, at the first call of each shape
     return sd

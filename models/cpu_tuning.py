@@ -201,3 +201,15 @@ def tune(dtype: torch.dtype, *, info: CPUInfo | None = None, path: Path | None =
     entries[key] = {"prepack": choice.prepack, "attention": choice.attention, "seconds": timings, "cpu": info.line()}
     write_cache(path, entries)
     return choice
+
+
+def fast_paths(prepack: bool | str, attention: str, dtype: torch.dtype, device: torch.device | str = "cpu", *,
+               tuner: Callable[[torch.dtype], CPUChoice] = tune) -> CPUChoice:
+    """The config's ``model.prepack`` (auto, true or false) and ``model.attention`` (auto or a kernel name) for a model
+    in ``dtype`` on ``device``.  ``auto`` asks ``tuner`` on a CPU; elsewhere neither switch changes anything."""
+    if torch.device(device).type != "cpu" or "auto" not in (prepack, attention):
+        return CPUChoice(prepack=prepack is not False, attention="sdpa" if attention == "auto" else attention,
+                         source="config")
+    tuned = tuner(dtype)
+    return CPUChoice(prepack=tuned.prepack if prepack == "auto" else prepack,
+                     attention=tuned.attention if attention == "auto" else attention, source=tuned.source)

@@ -58,7 +58,7 @@ def no_tf32():
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_folder(tmp_path_factory):
     """Runs remember checkpoint hashes in the user's cache folder (magicstyle/filehash.py): not the real one in tests
-    (subprocesses inherit it too); and the suite runs the UNet eagerly wherever it runs."""
+    (subprocesses inherit it too), nor the real CPU tuning cache; and the suite runs the UNet eagerly wherever it runs."""
     import os
 
     before = {key: os.environ.get(key) for key in ("XDG_CACHE_HOME", "MAGICSTYLE_COMPILE_AUTO")}
@@ -66,6 +66,12 @@ def private_cache_folder(tmp_path_factory):
     # model.compile: auto stays eager on a GPU too: compiling the tiny UNet in every test (and every CLI subprocess)
     # would take minutes; tests/test_gpu_fastpath.py compiles on purpose
     os.environ["MAGICSTYLE_COMPILE_AUTO"] = "0"
+    # model.prepack / model.attention: auto would time convolutions once per CPU (models/cpu_tuning.py): the cache
+    # holds this CPU's answer instead (prepack on, SDPA); the decision logic is tested with fake timings
+    from models.cpu_tuning import cache_file, cache_key, cpu_info, write_cache
+
+    write_cache(cache_file(), {cache_key(cpu_info(), dtype): {"prepack": True, "attention": "sdpa"}
+                               for dtype in (torch.float32, torch.bfloat16)})
     yield
     for key, value in before.items():
         if value is None:

@@ -1,0 +1,202 @@
+"""CPU fast paths: the model.prepack / model.attention decision (fake timings and caches, nothing timed) and the
+attention kernels against PyTorch's SDPA."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attention.core import ATTENTION_KERNELS, chunked_attention, cpu_attention, multihead_attention, set_cpu_attention
+from models import cpu_tuning as ct
+from models.cpu_tuning import CPUChoice, CPUInfo
+
+XEON_AMX = CPUInfo("Intel(R) Xeon(R) Platinum 8480+ (family 6, model 143)", amx=True, avx512_bf16=True)
+EPYC = CPUInfo("AMD EPYC 9R14 (family 25, model 17)", amx=False, avx512_bf16=True)
+
+
+def timings(prepacked=1.0, plain=1.0, sdpa=1.0, chunked=2.0):
+    return {"conv": {"prepacked": prepacked, "plain": plain}, "attention": {"sdpa": sdpa, "chunked": chunked}}
+
+
+class FakeMeasure:
+    """Stands in for the micro-benchmark: returns fixed timings (or raises) and counts its calls."""
+
+    def __init__(self, result=None, error=None):
+        self.result, self.error, self.calls = result or timings(), error, []
+
+    def __call__(self, dtype):
+        self.calls.append(dtype)
+        if self.error:
+            raise self.error
+        return self.result
+
+
+def test_choose_prepacks_only_when_it_saves_the_margin():
+    assert ct.choose(timings(prepacked=0.90, plain=1.0)).prepack
+    assert not ct.choose(timings(prepacked=0.99, plain=1.0)).prepack  # within the 3% margin: save the memory
+    assert not ct.choose(timings(prepacked=1.10, plain=1.0)).prepack  # the AMD EPYC case of issue 14
+
+
+def test_choose_leaves_sdpa_only_for_a_clearly_faster_kernel():
+    assert ct.choose(timings(sdpa=1.0, chunked=0.80)).attention == "chunked"
+    assert ct.choose(timings(sdpa=1.0, chunked=0.97)).attention == "sdpa"
+    assert ct.choose(timings(sdpa=1.0, chunked=3.0)).attention == "sdpa"
+
+
+def test_tune_measures_once_then_reads_the_cache(tmp_path):
+    path = tmp_path / "magicstyle" / "cpu_tuning.json"
+    measure = FakeMeasure(timings(prepacked=1.5, plain=1.0, chunked=0.5))
+    first = ct.tune(torch.bfloat16, info=EPYC, path=path, measure=measure)
+    assert first == CPUChoice(prepack=False, attention="chunked", source="measured")
+    entry = json.loads(path.read_text())[ct.cache_key(EPYC, torch.bfloat16)]
+    assert entry["prepack"] is False and entry["attention"] == "chunked" and entry["seconds"]["conv"]["plain"] == 1.0
+    again = ct.tune(torch.bfloat16, info=EPYC, path=path, measure=measure)
+    assert again == CPUChoice(prepack=False, attention="chunked", source="cached")
+    assert measure.calls == [torch.bfloat16]
+
+
+def test_the_cache_is_per_cpu_model_torch_version_and_dtype(tmp_path, monkeypatch):
+    path = tmp_path / "cpu_tuning.json"
+    measure = FakeMeasure()
+    ct.tune(torch.bfloat16, info=EPYC, path=path, measure=measure)
+    ct.tune(torch.float32, info=EPYC, path=path, measure=measure)
+    ct.tune(torch.bfloat16, info=XEON_AMX, path=path, measure=measure)
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    ct.tune(torch.bfloat16, info=EPYC, path=path, measure=measure)
+    assert len(measure.calls) == 4 and len(json.loads(path.read_text())) == 4
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"%s": {"prepack": "yes", "attention": "sdpa"}}'])
+def test_a_broken_cache_is_measured_again_and_rewritten(tmp_path, content):
+    path = tmp_path / "cpu_tuning.json"
+    path.write_text(content.replace("%s", ct.cache_key(EPYC, torch.float32)))
+    measure = FakeMeasure(timings(prepacked=0.5, plain=1.0))
+    assert ct.tune(torch.float32, info=EPYC, path=path, measure=measure).source == "measured"
+    assert json.loads(path.read_text())[ct.cache_key(EPYC, torch.float32)]["prepack"] is True
+
+
+@pytest.mark.parametrize("info, prepack", [(XEON_AMX, True), (EPYC, False)])
+def test_without_a_measurement_the_capability_rule_decides(tmp_path, info, prepack):
+    path = tmp_path / "cpu_tuning.json"
+    measure = FakeMeasure(error=RuntimeError("no oneDNN"))
+    assert ct.tune(torch.bfloat16, info=info, path=path, measure=measure) == CPUChoice(prepack, "sdpa", "capability")
+    assert not path.exists()  # nothing cached: the next run tries again
+    assert ct.tune(torch.float16, info=info, path=path, measure=measure).source == "capability"
+    assert measure.calls == [torch.bfloat16]  # float16 has no oneDNN path to time
+
+
+def test_an_unwritable_cache_folder_does_not_fail_the_run(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    choice = ct.tune(torch.float32, info=EPYC, path=blocker / "magicstyle" / "cpu_tuning.json", measure=FakeMeasure())
+    assert choice.source == "measured"
+
+
+def test_cache_folder_follows_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert ct.cache_file() == tmp_path / "xdg" / "magicstyle" / "cpu_tuning.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert ct.cache_file() == tmp_path / "home" / ".cache" / "magicstyle" / "cpu_tuning.json"
+
+
+def test_fast_paths_forced_values_win_and_auto_asks_the_tuner():
+    tuner = FakeMeasure(CPUChoice(prepack=False, attention="chunked", source="cached"))
+    assert ct.fast_paths(True, "sdpa", torch.bfloat16, "cpu", tuner=tuner) == CPUChoice(True, "sdpa", "config")
+    assert ct.fast_paths("auto", "sdpa", torch.bfloat16, "cpu", tuner=tuner) == CPUChoice(False, "sdpa", "cached")
+    assert ct.fast_paths(True, "auto", torch.bfloat16, "cpu", tuner=tuner) == CPUChoice(True, "chunked", "cached")
+    assert ct.fast_paths("auto", "auto", torch.float16, "cuda", tuner=tuner) == CPUChoice(True, "sdpa", "config")
+    assert tuner.calls == [torch.bfloat16, torch.bfloat16]  # never timed for a GPU
+
+
+def test_best_times_alternates_and_keeps_the_best_with_a_fake_clock():
+    clock, order = [0.0], []
+    durations = {"a": iter([5, 3, 4]), "b": iter([9, 1, 2])}  # warm-up, then two timed calls each
+
+    def run(name):
+        order.append(name)
+        clock[0] += next(durations[name])
+
+    best = ct.best_times({"a": lambda: run("a"), "b": lambda: run("b")}, timer=lambda: clock[0], repeats=2)
+    assert best == {"a": 3, "b": 1} and order == ["a", "b", "a", "b", "a", "b"]
+
+
+def test_the_micro_benchmark_runs_on_tiny_shapes_with_a_fake_timer():
+    ticks = iter(range(10**6))
+    convs = ct.measure_convs(torch.float32, shapes=((4, 8, 6, 3, 1),), timer=lambda: next(ticks), repeats=1)
+    attention = ct.measure_attention(torch.float32, shape=(1, 2, 16, 4), timer=lambda: next(ticks), repeats=1)
+    assert set(convs) == {"prepacked", "plain"} and set(attention) == set(ATTENTION_KERNELS)
+    assert all(v == 1 for v in (*convs.values(), *attention.values()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention kernels
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("nq, nk", [(300, 300), (300, 77)])
+def test_chunked_attention_matches_sdpa(dtype, tol, nq, nk):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, nq, 8, generator=g)
+    k, v = torch.randn(2, 3, nk, 8, generator=g), torch.randn(2, 3, nk, 8, generator=g)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    out = chunked_attention(q.to(dtype), k.to(dtype), v.to(dtype), block=128)  # 300 rows: blocks of 128, 128, 44
+    assert out.dtype == dtype and out.shape == ref.shape
+    sdpa = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype))
+    err, sdpa_err = ((out.double() - ref).norm() / ref.norm()).item(), ((sdpa.double() - ref).norm() / ref.norm()).item()
+    assert err < tol and err < 2 * sdpa_err + 1e-6  # no worse than SDPA itself, up to a factor
+
+
+def test_multihead_attention_runs_the_chosen_cpu_kernel():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 40, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    before = cpu_attention()
+    try:
+        set_cpu_attention("sdpa")
+        ref = multihead_attention(q, k, v, heads=4)
+        set_cpu_attention("chunked")
+        out = multihead_attention(q, k[:1], v[:1], heads=4)  # batch-1 keys broadcast
+        assert torch.allclose(out, multihead_attention(q, k[:1].expand(2, -1, -1), v[:1].expand(2, -1, -1), 4))
+        assert (multihead_attention(q, k, v, heads=4) - ref).abs().max() < 1e-12
+        with pytest.raises(ValueError, match="unknown attention kernel"):
+            set_cpu_attention("flash")
+    finally:
+        set_cpu_attention(before)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def test_config_keys_accept_auto_true_false_and_kernel_names():
+    from magicstyle import load_config
+    from magicstyle.config import ConfigError
+
+    assert load_config().model.prepack == "auto" and load_config().model.attention == "auto"
+    for value in ("auto", "true", "false"):
+        load_config(dotlist=[f"model.prepack={value}"])
+    for name in ATTENTION_KERNELS:
+        load_config(dotlist=[f"model.attention={name}"])
+    with pytest.raises(ConfigError, match="model.prepack must be auto, true or false"):
+        load_config(dotlist=["model.prepack=sometimes"])
+    with pytest.raises(ConfigError, match="model.attention must be one of auto, sdpa, chunked"):
+        load_config(dotlist=["model.attention=flash"])
+
+
+def test_load_model_applies_the_cached_choice(tmp_path, monkeypatch):
+    from conftest import TINY_HPARAMS, TINY_WEIGHTS
+    from magicstyle import load_config, load_model
+    from models.conv import Conv2d
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ct.write_cache(ct.cache_file(), {ct.cache_key(ct.cpu_info(), torch.float32): {"prepack": False, "attention": "chunked"}})
+    model = {"weights": str(TINY_WEIGHTS), "hparams": str(TINY_HPARAMS), "dtype": "float32", "device": "cpu"}
+    before = cpu_attention()
+    try:
+        sd = load_model(load_config(None, {"model": model}))
+        convs = [m for m in (*sd.unet.modules(), *sd.vae.modules()) if isinstance(m, Conv2d)]
+        assert convs and not any(m.prepack for m in convs) and cpu_attention() == "chunked"
+        sd = load_model(load_config(None, {"model": {**model, "prepack": True, "attention": "sdpa"}}))
+        assert all(m.prepack for m in sd.unet.modules() if isinstance(m, Conv2d)) and cpu_attention() == "sdpa"
+    finally:
+        set_cpu_attention(before)
