@@ -41,16 +41,23 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters) whose CPU inference runs on a weight reordered once and cached.
 
     ``prepack = False`` on an instance (see ``set_prepack``) runs the plain convolution and keeps no second copy.
+    A 1x1 convolution runs on the CPU as a linear map of each pixel, never prepacked (see ``pointwise``).
     """
 
     prepack = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and self.is_pointwise():
+            return pointwise(x, self.weight, self.bias)
         if not (self.prepack and uses_packed_conv(x, self.weight)):
             return super().forward(x)
         return torch.ops.mkldnn._convolution_pointwise(  # output channels-last
             x, self.packed_weight(), self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
         )
+
+    def is_pointwise(self) -> bool:
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding in ((0, 0), "valid")
+                and self.dilation == (1, 1) and self.groups == 1)
 
     def packed_weight(self) -> torch.Tensor:
         """The weight in oneDNN's layout; made again when the weight is another tensor, dtype or edited in place."""
@@ -67,6 +74,16 @@ class Conv2d(nn.Conv2d):
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: drop the cache, it belongs to the old weight
         _packed_weights.pop(self, None)
         return super()._apply(fn, recurse)
+
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 convolution as ``F.linear`` on the (B, H, W, C) view of a channels-last x; the output is channels-last.
+
+    oneDNN's prepacked 1x1 kernels are pathologically slow: the ResBlock skip 2560 -> 1280 at 8x8 took 314 ms in
+    bfloat16 against 6 ms as a matmul, and 1920 -> 1280 at 16x16 166 ms against 9 ms in float32 (bench/README.md).
+    """
+    out = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)  # (B, H, W, C_out)
+    return out.permute(0, 3, 1, 2)  # (B, C_out, H, W), channels-last
 
 
 def set_prepack(model: nn.Module, enabled: bool) -> None:

@@ -200,3 +200,22 @@ def test_load_model_applies_the_cached_choice(tmp_path, monkeypatch):
         assert all(m.prepack for m in sd.unet.modules() if isinstance(m, Conv2d)) and cpu_attention() == "sdpa"
     finally:
         set_cpu_attention(before)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Convolutions
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pointwise_conv_runs_as_a_linear_map_with_the_same_result(channels_last):
+    from models.conv import Conv2d, _packed_weights
+
+    torch.manual_seed(0)
+    conv = Conv2d(24, 16, 1).requires_grad_(False)
+    x = torch.randn(2, 24, 5, 7)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    out = conv(x)
+    assert conv.is_pointwise() and conv not in _packed_weights  # never prepacked
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, F.conv2d(x.contiguous(), conv.weight, conv.bias), atol=1e-5)
+    assert not Conv2d(24, 16, 1, stride=2).is_pointwise() and not Conv2d(24, 16, 3, padding=1).is_pointwise()
