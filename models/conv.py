@@ -41,13 +41,13 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters) whose CPU inference runs on a weight reordered once and cached.
 
     ``prepack = False`` on an instance (see ``set_prepack``) runs the plain convolution and keeps no second copy.
-    A 1x1 convolution runs on the CPU as a linear map of each pixel, never prepacked (see ``pointwise``).
+    A bfloat16 1x1 convolution runs on the CPU as a linear map of each pixel, never prepacked (see ``pointwise``).
     """
 
     prepack = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and self.is_pointwise():
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.is_pointwise():
             return pointwise(x, self.weight, self.bias)
         if not (self.prepack and uses_packed_conv(x, self.weight)):
             return super().forward(x)
@@ -79,8 +79,9 @@ class Conv2d(nn.Conv2d):
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A 1x1 convolution as ``F.linear`` on the (B, H, W, C) view of a channels-last x; the output is channels-last.
 
-    oneDNN's prepacked 1x1 kernels are pathologically slow: the ResBlock skip 2560 -> 1280 at 8x8 took 314 ms in
-    bfloat16 against 6 ms as a matmul, and 1920 -> 1280 at 16x16 166 ms against 9 ms in float32 (bench/README.md).
+    oneDNN's prepacked bfloat16 1x1 kernels are pathologically slow: the ResBlock skip 2560 -> 1280 at 8x8 took
+    314 ms against 6 ms as a matmul (bench/README.md).  float32 keeps oneDNN's 1x1 path: the gain there is a few
+    percent of a forward, and the method tests' float32 references (chaotic random tiny UNets) were made with it.
     """
     out = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)  # (B, H, W, C_out)
     return out.permute(0, 3, 1, 2)  # (B, C_out, H, W), channels-last

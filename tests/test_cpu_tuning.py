@@ -211,11 +211,12 @@ def test_pointwise_conv_runs_as_a_linear_map_with_the_same_result(channels_last)
     from models.conv import Conv2d, _packed_weights
 
     torch.manual_seed(0)
-    conv = Conv2d(24, 16, 1).requires_grad_(False)
-    x = torch.randn(2, 24, 5, 7)
+    conv = Conv2d(24, 16, 1, dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.randn(2, 24, 5, 7, dtype=torch.bfloat16)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     out = conv(x)
     assert conv.is_pointwise() and conv not in _packed_weights  # never prepacked
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(out, F.conv2d(x.contiguous(), conv.weight, conv.bias), atol=1e-5)
+    ref = F.conv2d(x.contiguous().double(), conv.weight.double(), conv.bias.double())
+    assert ((out.double() - ref).norm() / ref.norm()) < 1e-2
     assert not Conv2d(24, 16, 1, stride=2).is_pointwise() and not Conv2d(24, 16, 3, padding=1).is_pointwise()
