@@ -28,6 +28,7 @@ from attention import FeatureStore
 from models.safetensors_file import header_problem, parse_header
 
 from .config import DTYPES
+from .filehash import hash_file
 from .inversion import Inversion, inversion_key
 from .output import write_atomic
 
@@ -40,17 +41,9 @@ def enabled(cfg: DictConfig) -> bool:
     return bool(cfg.batch.cache) and (cfg.store.mode == "recompute" or cfg.batch.cache_features)
 
 
-def image_sha256(image: Path) -> str:
-    h = hashlib.sha256()
-    with open(image, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def entry(image: Path, cfg: DictConfig) -> Path:
     """The cache file of ``image`` under ``cfg``: <image content hash>-<inversion key>.safetensors."""
-    return Path(cfg.batch.cache).expanduser() / f"{image_sha256(image)}-{inversion_key(cfg)}{SUFFIX}"
+    return Path(cfg.batch.cache).expanduser() / f"{hash_file(image)}-{inversion_key(cfg)}{SUFFIX}"
 
 
 def digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:

@@ -11,19 +11,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import os
-import tempfile
 from pathlib import Path
+
+from models.usercache import cache_folder, read_json, write_json
 
 CACHE_FILE = "sha256.json"
 MAX_ENTRIES = 256  # the most recently hashed files are kept
-
-
-def cache_folder() -> Path:
-    """``$XDG_CACHE_HOME/magicstyle``, else ``~/.cache/magicstyle`` (the XDG base directory rule)."""
-    base = os.environ.get("XDG_CACHE_HOME") or ""
-    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "magicstyle"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -41,49 +34,23 @@ def short_sha256(path: str | Path) -> str:
 @functools.lru_cache(maxsize=16)  # a long-lived process (the demo, a job run) asks again without reading the cache
 def _sha256(path: str, size: int, mtime_ns: int, folder: str) -> str:
     cache = Path(folder) / CACHE_FILE
-    entries = _read(cache)
+    entries = read_json(cache)
     entry = entries.get(path)
     if isinstance(entry, dict) and entry.get("size") == size and entry.get("mtime_ns") == mtime_ns:
         digest = entry.get("sha256")
         if isinstance(digest, str) and len(digest) == 64:
             return digest
-    digest = _hash(path)
+    digest = hash_file(path)
     entries.pop(path, None)
     entries[path] = {"size": size, "mtime_ns": mtime_ns, "sha256": digest}
-    _write(cache, dict(list(entries.items())[-MAX_ENTRIES:]))
+    write_json(cache, dict(list(entries.items())[-MAX_ENTRIES:]))
     return digest
 
 
-def _hash(path: str) -> str:
+def hash_file(path: str | Path) -> str:
+    """The SHA-256 of the file's bytes, read in 16 MiB chunks (no cache)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _read(cache: Path) -> dict:
-    try:
-        entries = json.loads(cache.read_text())
-    except (OSError, ValueError):  # no cache yet, unreadable, or damaged: start afresh
-        return {}
-    return entries if isinstance(entries, dict) else {}
-
-
-def _write(cache: Path, entries: dict) -> None:
-    tmp = None
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(entries, f)
-        os.replace(tmp, cache)
-        tmp = None
-    except OSError:  # a read-only or missing home, a full disk: the digest is still right, only not remembered
-        pass
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass

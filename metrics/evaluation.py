@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from faces.weights import eval_defaults
 from magicstyle.config import ConfigError, _dotlist, _first_line, _load_yaml
+from magicstyle.filehash import hash_file  # images are embedded once per content digest
 from models.errors import MagicStyleError
 
 from . import features
@@ -121,7 +122,7 @@ def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[
             if not path.is_file():
                 raise EvalError(f"{key} image {path} of the run is missing; evaluate needs every image of the run")
             if str(path) not in digest:
-                digest[str(path)] = features.file_digest(path)
+                digest[str(path)] = hash_file(path)
                 files[digest[str(path)]] = path
     image = {(id(j), key): digest[str(run_dir / j[key] if key == "output" else Path(j[key]))]
              for j in jobs for key in ("content", "style", "output")}

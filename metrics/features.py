@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 from typing import Callable
@@ -23,14 +22,6 @@ from magicstyle.images import open_rgb
 from magicstyle.output import write_atomic
 
 Embedder = Callable[[Image.Image], np.ndarray]  # image -> (D,) float32
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FeatureCache:

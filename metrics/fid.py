@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import linalg
-from torch import nn
 from torchvision.models import inception as tv
 
 from faces.weights import FaceModelError

@@ -10,10 +10,7 @@ cannot run, a capability rule decides: prepack where the CPU has AMX, PyTorch's 
 """
 from __future__ import annotations
 
-import json
-import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +21,7 @@ import torch
 from attention.core import ATTENTION_KERNELS
 
 from .conv import Conv2d
+from .usercache import cache_folder, read_json, write_json
 
 CACHE_NAME = "cpu_tuning.json"
 # (in channels, out channels, side, kernel, batch) of the convolutions timed: the UNet's four levels at 512 px (the
@@ -147,38 +145,15 @@ def measure(dtype: torch.dtype) -> dict:
 
 
 def cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "magicstyle" / CACHE_NAME
+    return cache_folder() / CACHE_NAME
 
 
 def cache_key(info: CPUInfo, dtype: torch.dtype) -> str:
     return f"{info.model} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')}"
 
 
-def read_cache(path: Path) -> dict:
-    """The cache's entries; a missing, unreadable or malformed file is an empty cache (it is measured again)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def write_cache(path: Path, entries: dict) -> None:
-    """Write the cache through a temporary file and a rename; a cache that cannot be written is skipped silently."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(entries, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
-        pass
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    write_json(path, entries, indent=1, sort_keys=True)
 
 
 def tune(dtype: torch.dtype, *, info: CPUInfo | None = None, path: Path | None = None,
@@ -187,7 +162,7 @@ def tune(dtype: torch.dtype, *, info: CPUInfo | None = None, path: Path | None =
     info = info or cpu_info()
     path = path or cache_file()
     key = cache_key(info, dtype)
-    entries = read_cache(path)
+    entries = read_json(path)
     entry = entries.get(key)
     if isinstance(entry, dict) and isinstance(entry.get("prepack"), bool) and entry.get("attention") in ATTENTION_KERNELS:
         return CPUChoice(prepack=entry["prepack"], attention=entry["attention"], source="cached")

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from _tiny import ASTRONAUT
 from conftest import TINY_HPARAMS, TINY_WEIGHTS
 from magicstyle import cache, csdi, fff, inversion_key, load_config, load_model
+from magicstyle.filehash import hash_file
 from magicstyle.pipeline import encode_images, load_image
 from models.safetensors_file import SafetensorsFile
 
@@ -43,7 +44,7 @@ def test_an_entry_is_a_safetensors_file_that_names_its_image_and_key(made, mode,
     with safe_open(str(path), "pt") as f:  # the safetensors library reads it ...
         meta = f.metadata()
     assert SafetensorsFile(path, "cache entry").shapes["z_T"] == (1, 4, 8, 8)  # ... and so does our strict reader
-    assert meta["format"] == cache.FORMAT and meta["image_sha256"] == cache.image_sha256(ASTRONAUT)
+    assert meta["format"] == cache.FORMAT and meta["image_sha256"] == hash_file(ASTRONAUT)
     assert meta["inversion_key"] == inversion_key(cfg) and len(meta["sha256"]) == 64
     back = cache.load(path, CPU)
     assert back.timesteps == inv.timesteps and back.layers == inv.layers

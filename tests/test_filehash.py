@@ -15,13 +15,13 @@ def hashes(tmp_path, monkeypatch):
     """A fresh cache folder under tmp_path, and a count of the files actually read and hashed."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     calls = []
-    real = filehash._hash
+    real = filehash.hash_file
 
     def counting(path):
         calls.append(path)
         return real(path)
 
-    monkeypatch.setattr(filehash, "_hash", counting)
+    monkeypatch.setattr(filehash, "hash_file", counting)
     filehash._sha256.cache_clear()  # each test starts like a new process
     yield calls
     filehash._sha256.cache_clear()
