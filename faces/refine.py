@@ -57,10 +57,11 @@ class SmallFacePass:
     box: tuple[int, int, int, int]  # the same square in output pixels
     info: dict
 
-    def apply(self, result: Image.Image, style, cfg: DictConfig, *, sd=None, progress=None) -> Image.Image:
-        """Stylize the crop with ``style`` and ``cfg`` (without this pass) and paste it into ``result``."""
-        from magicstyle.pipeline import stylize
-
+    def apply(self, result: Image.Image, style, cfg: DictConfig, *, stylize: Callable[..., Image.Image], sd=None,
+              progress=None) -> Image.Image:
+        """Stylize the crop with ``style`` and ``cfg`` (without this pass) and paste it into ``result``.  ``stylize``
+        is ``magicstyle.pipeline.stylize``, handed in by the caller (the pipeline runs this pass, so faces/ does not
+        import it)."""
         size = cfg.size
         inner = OmegaConf.merge(cfg, {"face": {"refine": False}})
         crop = self.content.resize((size, size), Image.Resampling.LANCZOS, box=self.crop)

@@ -189,5 +189,5 @@ def stylize(
             feature_store_bytes=inversion.store.nbytes,
         )
     if face_pass is not None:
-        result = face_pass.apply(result, style, cfg, sd=sd, progress=progress)
+        result = face_pass.apply(result, style, cfg, stylize=stylize, sd=sd, progress=progress)
     return result

@@ -33,7 +33,7 @@ from ..hub import fetch_all
 from ..images import ImageError, open_rgb, png_bytes, square, to_image, to_tensor
 from ..output import write_atomic
 from ..parameters import png_parameters
-from ..pipeline import Inversion, csdi, decode_latents, encode_images, fff, inversion_key, load_model
+from ..pipeline import Inversion, csdi, decode_latents, encode_images, fff, inversion_key, load_model, stylize
 from ..progress import Progress
 
 KEEP_OUTPUTS = 64  # result PNGs kept in the output folder (the newest)
@@ -180,7 +180,7 @@ class Demo:
             seconds["decode"] = _done(bar, start)
             if face_pass is not None:  # Fig. 3: the face's crop stylized on its own (no cache) and pasted back
                 start = time.perf_counter()
-                image = face_pass.apply(image, request.style, cfg, sd=self.sd, progress=bar)
+                image = face_pass.apply(image, request.style, cfg, stylize=stylize, sd=self.sd, progress=bar)
                 seconds["face"] = time.perf_counter() - start
             attention = diagnostics.to_dict() if diagnostics else None
             self.count += 1
