@@ -72,7 +72,7 @@ def run_grid(weights: Path, folder: Path, contents: int, styles: int, *, size: i
              mode: str, pairs: str, cache: Path | None, name: str) -> dict:
     """One run of the command line over the grid; its report plus the UNet's share, timed in this process."""
     import train_free_run
-    from benchmark import peak_rss_gib, reset_peak_rss
+    from common import peak_rss_gib, reset_peak_rss
 
     report = folder / f"{name}.json"
     argv = ["--content", str(folder / "contents"), "--style", str(folder / "styles"), "--output", str(folder / name),

@@ -63,7 +63,7 @@ def unet_inputs(batch: int, dtype: torch.dtype):
 def unet_section(dtypes, batches, *, rounds: int, runs: int, compile: bool, summary: dict) -> list[str]:
     """Eager rows for every dtype and batch first (ours and diffusers alternated), then ours compiled in float16
     (each shape compiles for about a minute, so a time limit cuts these last)."""
-    from benchmark import random_unet
+    from common import random_unet
     from magicstyle.compiled import CompiledUNet
 
     rows = ["| dtype | batch | ours ms | diffusers ms | diffusers / ours | compile + warm-up s | peak GiB |",
