@@ -92,11 +92,7 @@ def csdi(run, paths: list[Path], cfg: DictConfig):
     """Encode and invert one batch of images, counting the time and UNet work."""
     start = time.perf_counter()
     images = torch.cat([pipeline.load_image(path, cfg.size) for path in paths])  # (n, 3, size, size)
-    if cfg.inversion.sample_posterior:  # each image's noise from the seed alone, whatever else is in the batch
-        z0 = torch.cat([pipeline.encode_images(run.sd, image[None], torch.Generator().manual_seed(cfg.seed))
-                        for image in images])
-    else:
-        z0 = pipeline.encode_images(run.sd, images)
+    z0 = pipeline.encode_images(run.sd, images, cfg.seed if cfg.inversion.sample_posterior else None)
     run.seconds["encode"] += time.perf_counter() - start
     start, counts = time.perf_counter(), {}
     inv = pipeline.csdi(run.sd, z0, cfg, progress=run.phases, stats=counts)

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from models import SD15, load_sd15
+from models import SD15, DiagonalGaussian, load_sd15
 from attention.core import set_cpu_attention
 from models.conv import cpu_has_bf16, set_prepack
 from models.cpu_tuning import fast_paths
@@ -77,12 +77,17 @@ def encode_text(sd: SD15, prompts: list[str], layer: str = "last") -> torch.Tens
 
 
 @torch.no_grad()
-def encode_images(sd: SD15, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8) float32: the posterior mean, or a sample."""
+def encode_images(sd: SD15, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8) float32: the posterior mean, or with ``seed``
+    (``inversion.sample_posterior``) a sample whose noise is drawn for each image from ``seed`` alone, so that an
+    image's latent does not depend on the batch it is encoded in (one pair, a sweep, the demo, the cache agree)."""
     device = next(sd.vae.parameters()).device
     posterior = sd.vae.encode(images.to(device))
-    z = posterior.mean if generator is None else posterior.sample(generator)
-    return LATENT_SCALE * z.float()
+    if seed is None:
+        return LATENT_SCALE * posterior.mean.float()
+    z = [DiagonalGaussian(mean[None], logvar[None]).sample(torch.Generator().manual_seed(seed))
+         for mean, logvar in zip(posterior.mean, posterior.logvar)]
+    return LATENT_SCALE * torch.cat(z).float()
 
 
 @torch.no_grad()

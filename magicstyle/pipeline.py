@@ -173,8 +173,7 @@ def stylize(
 
     counts: dict[str, int] = {}
     with phase("encode", bar=True):
-        generator = torch.Generator().manual_seed(cfg.seed) if cfg.inversion.sample_posterior else None
-        z0 = encode_images(sd, images, generator)
+        z0 = encode_images(sd, images, cfg.seed if cfg.inversion.sample_posterior else None)
     with phase("invert"):
         inversion = csdi(sd, z0, cfg, progress=progress, stats=counts)
     with phase("generate"):

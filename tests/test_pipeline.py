@@ -334,3 +334,16 @@ def test_float16_unet_gets_a_float32_vae():
     z = encode_images(sd, load_image(ASTRONAUT, 64))
     assert z.dtype == torch.float32 and decode_latents(sd, z).dtype == torch.float32
     assert encode_text(sd, [""]).dtype == torch.float16
+
+
+def test_a_sampled_latent_depends_on_the_image_and_the_seed_not_on_the_batch():
+    """inversion.sample_posterior: stylize, a sweep, the demo and the inversion cache encode images in batches of
+    different sizes; each image's noise comes from the seed alone, so they all agree."""
+    sd = load_model(config(model={"device": "cpu"}))
+    content, style = load_image(ASTRONAUT, 64), load_image(STYLE, 64)
+    both = encode_images(sd, torch.cat([content, style]), seed=3)
+    alone = torch.cat([encode_images(sd, content, seed=3), encode_images(sd, style, seed=3)])
+    torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-6)
+    mean = encode_images(sd, torch.cat([content, style]))
+    assert (both - mean).abs().mean() > 100 * (both - alone).abs().max()  # the noise is there, and per image
+    assert not torch.allclose(encode_images(sd, style, seed=4), alone[1:], atol=1e-4)  # another seed, other noise

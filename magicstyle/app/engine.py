@@ -160,9 +160,8 @@ class Demo:
             todo = [key for key, inv in inversions.items() if inv is None]  # each image once, even if both are one
             if todo:
                 start = _phase(bar, "encode")
-                generator = torch.Generator().manual_seed(cfg.seed) if cfg.inversion.sample_posterior else None
                 batch = torch.cat([to_tensor(images[keys.index(key)]) for key in todo])
-                z0 = encode_images(self.sd, batch, generator)
+                z0 = encode_images(self.sd, batch, cfg.seed if cfg.inversion.sample_posterior else None)
                 seconds["encode"] = _done(bar, start)
                 start, counts = time.perf_counter(), {}
                 inversion = csdi(self.sd, z0, cfg, progress=bar, stats=counts)  # the missing images in one batch
