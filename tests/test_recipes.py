@@ -13,6 +13,9 @@ import torch
 from attention import (
     RECIPES, FeatureStore, Record, StoreRecipe, register, stylealigned_attention, styleid_attention, vsp_attention,
 )
+from attention.ffa import fusion_qkv
+from attention.stylealigned import stylealigned_qkv
+from attention.styleid import styleid_qkv
 from conftest import ROOT
 from magicstyle import ConfigError, csdi, fff
 from magicstyle.pipeline import CountedUNet, encode_images, encode_text, load_image, recipes, select_layers
@@ -226,3 +229,26 @@ def test_cfg_rows_cond_runs_the_recipe_in_the_conditional_rows_only(sd, z0):  # 
         del RECIPES["counting"]
     assert not torch.equal(results["both"], results["cond"])
     assert torch.equal(guidance_1["both"], guidance_1["cond"])
+
+
+@pytest.mark.parametrize("name", ["ffa", "styleid", "vsp", "stylealigned"])
+def test_each_recipe_class_feeds_content_and_style_to_their_own_slots(sd, name):  # noqa: F811
+    """With h^C != h^S, each recipe class's Q, K, V are those of its pure formula with Q^C, K^C, V^C projected from h^C
+    and Q^S, K^S, V^S from h^S (the content = style tests above cannot see a swap), and the style keys it reports for
+    the diagnostics are the last M."""
+    cfg = config(**{"styleid": {"gamma": 0.6, "temperature": 1.3}, "ffa": {"alpha": 0.7, "beta": 0.3}})
+    layer = next(iter(sd.unet.self_attention_layers()))
+    C = layer.to_q.in_features
+    x, h_c, h_s = tensors((2, 6, C), (1, 6, C), (1, 5, C), seed=3)
+    x, h_c, h_s = (t.to(next(layer.parameters()).dtype) for t in (x, h_c, h_s))
+    q, k, v, style_keys = RECIPES[name](FeatureStore(), cfg).qkv(layer, x, h_c, h_s)
+    (q_cs, k_cs, v_cs), (q_c, k_c, v_c), (q_s, k_s, v_s) = layer.qkv(x), layer.qkv(h_c), layer.qkv(h_s)
+    expected = {
+        "ffa": lambda: fusion_qkv(q_cs, q_c, k_c, v_c, k_s, v_s, alpha=0.7, beta=0.3),
+        "styleid": lambda: styleid_qkv(q_cs, q_c, k_s, v_s, gamma=0.6, temperature=1.3),
+        "vsp": lambda: (q_cs, k_s, v_s),
+        "stylealigned": lambda: stylealigned_qkv(q_cs, k_cs, v_cs, q_s, k_s, v_s),
+    }[name]()
+    for got, want in zip((q, k, v), expected):
+        torch.testing.assert_close(got.expand_as(want), want)
+    assert style_keys == 5
