@@ -11,6 +11,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .images import ImageError, open_rgb, square
+
 CELL = 192  # px, each output image
 PAD = 8
 FONT_SIZE = 16
@@ -50,13 +52,9 @@ def fit(text: str, width: int, f: ImageFont.FreeTypeFont) -> str:
 def thumbnail(path: Path | None, size: int, note: str = "") -> Image.Image:
     """The image at ``path`` resized to size x size, or a grey square that says ``note``."""
     if path is not None and path.is_file():
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                side = min(img.size)
-                left, top = (img.width - side) // 2, (img.height - side) // 2
-                return img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
-        except OSError:
+        try:  # the same reading as the job's (EXIF orientation, transparency on white, size limit)
+            return square(open_rgb(path), size)
+        except ImageError:
             note = note or "unreadable"
     cell = Image.new("RGB", (size, size), EMPTY)
     f = font(14)

@@ -347,3 +347,18 @@ def test_grid_labels_fit_their_columns_and_large_runs_say_what_is_left_out(tmp_p
     sheet = grid.render([label, "x"], rows, [[(None, "failed"), (image, "")]] * len(rows))
     header = grid.PAD + (grid.FONT_SIZE + 4) * len(lines) + grid.PAD
     assert sheet.height == header + grid.MAX_ROWS * (grid.CELL + grid.PAD) + grid.FONT_SIZE + 4 + grid.PAD
+
+
+def test_grid_thumbnails_read_images_as_the_jobs_do(tmp_path):
+    """EXIF orientation applied (as for the job itself), and a damaged image is a labelled cell, not a traceback."""
+    from magicstyle.grid import thumbnail
+
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view: the blue half goes to the top
+    wide.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    top, bottom = (thumbnail(tmp_path / "rot.jpg", 20).getpixel(xy) for xy in ((10, 2), (10, 17)))
+    assert top[2] > 200 > top[0] and bottom[0] > 200 > bottom[2]
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
+    assert thumbnail(tmp_path / "bad.png", 20).size == (20, 20)
