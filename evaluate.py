@@ -31,8 +31,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from magicstyle.progress import Progress
-    from metrics import run_evaluation
     from models.errors import MagicStyleError
+
+    try:
+        from metrics import run_evaluation
+    except ImportError as e:  # scipy, torchvision, timm, onnxruntime: the [eval] extra
+        sys.stderr.write(f"error: evaluation needs the [eval] extra ({e}); pip install -e '.[eval]'\n")
+        return EXIT_USAGE
 
     dotlist = list(args.overrides)
     if args.metrics:

@@ -24,7 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from faces.weights import eval_defaults
 from magicstyle.config import ConfigError, _dotlist, _first_line, _load_yaml
-from magicstyle.filehash import hash_file  # images are embedded once per content digest
+from magicstyle.filehash import hash_file
+from magicstyle.model import resolve_device  # images are embedded once per content digest
 from models.errors import MagicStyleError
 
 from . import features
@@ -110,8 +111,9 @@ def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[
                                if m in metrics))
     for kind in kinds:
         features.model_files(kind, cfg)  # a missing model file fails here, before anything is embedded
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    # the pipeline's rule (cuda asked for without a GPU is a one-line error); auto: CUDA, else CPU (not MPS here)
+    device = resolve_device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                            "cpu" if cfg.device == "auto" else cfg.device)
 
     # "skipped": a resumed run found the output made with the job's configuration (the run checks it), so it counts
     jobs = [j for j in index["jobs"] if j["status"] in ("done", "skipped") and (run_dir / j["output"]).is_file()]

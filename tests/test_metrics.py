@@ -241,3 +241,11 @@ def test_hub_reference_uses_the_local_copy_first(tmp_path, monkeypatch):
     (tmp_path / "open_clip_model.safetensors").write_bytes(b"x")
     ref = "hf:timm/vit_large_patch14_clip_224.openai/open_clip_model.safetensors"
     assert faces.weights.require_file(ref, "clip") == tmp_path / "open_clip_model.safetensors"
+
+
+def test_evaluate_on_cuda_without_a_gpu_is_one_line(tmp_path, models, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = make_run(tmp_path / "run")
+    assert evaluate_cli.main([str(run), "--device", "cuda", "--quiet", *models]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA GPU" in err
