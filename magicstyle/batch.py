@@ -71,19 +71,21 @@ def chunks(items: list, n: int) -> list[list]:
 def invert(run, paths: list[Path], cfg: DictConfig, batch: int = INVERT_BATCH):
     """Encode and invert these images (CSDI, ``batch`` at a time; from the cache when there) -> one Inversion, rows
     in the order of ``paths``."""
-    use_cache = cache.enabled(cfg)
+    entries = {path: cache.entry(path, cfg) for path in paths} if cache.enabled(cfg) else {}  # each file hashed once
     parts = {}
-    for path in paths if use_cache else []:
-        if (inv := cache.load(cache.entry(path, cfg), device_of(run.sd))) is not None:
+    for path, entry in entries.items():
+        if (inv := cache.load(entry, device_of(run.sd))) is not None:
             parts[path] = inv
     run.counts["images_from_cache"] += len(parts)
     for chunk in chunks([p for p in paths if p not in parts], batch):
         inv = csdi(run, chunk, cfg)
-        for i, path in enumerate(chunk if use_cache else []):
-            cache.save(cache.entry(path, cfg), inv if len(chunk) == 1 else inv.select([i]))
-        if len(chunk) == len(paths):
-            return inv  # one batch: no need to cut and merge
-        parts.update((path, inv if len(chunk) == 1 else inv.select([i])) for i, path in enumerate(chunk))
+        whole = len(chunk) == len(paths)  # one batch: no need to cut and merge
+        for i, path in enumerate(chunk if entries or not whole else []):
+            parts[path] = inv if len(chunk) == 1 else inv.select([i])  # each image's rows copied once
+            if entries:
+                cache.save(entries[path], parts[path])
+        if whole:
+            return inv
     ordered = [parts[p] for p in paths]
     return ordered[0] if len(ordered) == 1 else pipeline.Inversion.cat(ordered)
 

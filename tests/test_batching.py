@@ -126,3 +126,40 @@ def _write_many(path, inv):
 
 def inputs_image(tmp_path):
     return gradient(tmp_path / "c.png", (64, 64))
+
+
+def test_a_cache_miss_hashes_each_image_once_and_cuts_its_rows_once(tmp_path, monkeypatch):
+    """``batch.invert`` on an empty cache: each image file is hashed once (its entry's name), and each image's rows
+    are copied out of its CSDI batch once, for both the cache entry and the merged inversion."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    import magicstyle.batch as batch
+    import magicstyle.pipeline as pipeline
+
+    hashed, cut, saved = Counter(), [], {}
+
+    class Inv:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def select(self, indices):
+            cut.append(indices)
+            return Inv([self.rows[i] for i in indices])
+
+        @staticmethod
+        def cat(parts):
+            return Inv([r for p in parts for r in p.rows])
+
+    monkeypatch.setattr(cache, "hash_file", lambda path: hashed.update([path]) or f"{len(hashed):064d}")
+    monkeypatch.setattr(cache, "save", lambda path, inv: saved.setdefault(path, inv.rows))
+    monkeypatch.setattr(batch, "csdi", lambda run, paths, cfg: Inv(list(paths)))
+    monkeypatch.setattr(pipeline, "Inversion", Inv)
+    cfg = load_config(write_config(tmp_path / "tiny.yaml"), {"store": {"mode": "recompute"},
+                                                              "batch": {"cache": str(tmp_path / "cache")}})
+    paths = [tmp_path / f"{i}.png" for i in range(6)]  # a batch of 4 and a batch of 2
+    run = SimpleNamespace(sd=None, counts=Counter())
+    assert batch.invert(run, paths, cfg).rows == paths
+    assert sorted(map(tuple, cut)) == [(0,), (0,), (1,), (1,), (2,), (3,)]  # each image of the batch of 4 once
+    assert hashed == Counter(paths)
+    assert sorted(saved.values()) == [[p] for p in sorted(paths)] and run.counts["images_from_cache"] == 0
