@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from models.errors import MagicStyleError
+from models.errors import first_line
 
 from . import cache, pipeline
 from .images import save_png, to_image
@@ -28,11 +28,6 @@ MAX_AUTO_PAIRS = 16  # 32 UNet rows: past the launch-bound regime, a larger batc
 UNET_BYTES_PER_TOKEN = 24576  # one UNet row's activations per latent token and byte of dtype (bench/README.md: peak
 # RSS grows by 0.18 GiB per row of batch at 64x64 in bfloat16 on the CPU; not measured on a GPU)
 VAE_BYTES_PER_PIXEL = 768  # the VAE decoder's working set per output pixel and byte of dtype (estimate)
-
-
-def one_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return text if isinstance(e, MagicStyleError) else f"{type(e).__name__}: {text}".rstrip(": ")
 
 
 def device_of(sd) -> torch.device:
@@ -125,7 +120,7 @@ def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = Fa
         if strict:
             raise e
         for job in jobs:
-            job.fail(one_line(e))
+            job.fail(first_line(e, typed=True))
         finished += len(jobs)
         progress.update(finished)
 

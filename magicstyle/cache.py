@@ -25,6 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from attention import FeatureStore
+from models.errors import first_line
 from models.safetensors_file import header_problem, parse_header
 
 from .config import DTYPES
@@ -119,7 +120,7 @@ def load(path: Path, device: torch.device) -> Inversion | None:
     try:
         return decode(data, device, *identity(path))
     except Exception as e:  # noqa: BLE001 - whatever is wrong with the bytes, the entry is not used
-        print(f"note: inversion cache entry {path} is corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__});"
+        print(f"note: inversion cache entry {path} is corrupt ({first_line(e)});"
               " recomputing it", file=sys.stderr)
         return None
 

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from attention import RECIPES
 from attention.core import ATTENTION_KERNELS
-from models.errors import MagicStyleError
+from models.errors import MagicStyleError, first_line
 
 from .hub import HubError, is_hub_ref, parse_ref
 
@@ -57,7 +57,7 @@ def load_config(
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"configuration: {_first_line(e)} (see configs/magicstyle.yaml for the keys)") from None
+            raise ConfigError(f"configuration: {first_line(e)} (see configs/magicstyle.yaml for the keys)") from None
     if isinstance(cfg.model.vae, str) and cfg.model.vae.strip().lower() in NO_FILE[:-1]:
         cfg.model.vae = None
     validate(cfg)
@@ -78,7 +78,7 @@ def _load_yaml(path: Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except Exception as e:
-        raise ConfigError(f"config file {path} is not valid YAML ({_first_line(e)})") from None
+        raise ConfigError(f"config file {path} is not valid YAML ({first_line(e)})") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping of keys, like configs/magicstyle.yaml")
     for key in PATH_KEYS:  # relative to the file that names them, not to the current folder
@@ -93,11 +93,7 @@ def _dotlist(items: list[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"override: {_first_line(e)}") from None
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"override: {first_line(e)}") from None
 
 
 def validate(cfg: DictConfig) -> None:

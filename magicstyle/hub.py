@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import CheckpointError, MagicStyleError
+from models.errors import CheckpointError, MagicStyleError, first_line
 
 PREFIX = "hf:"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -125,15 +125,10 @@ def download(hub: HubFile, *, what: str = "weights", local_dir: str | Path | Non
         if e.errno == errno.ENOSPC:
             raise HubError(f"no space left on the device while downloading {what} {hub} into "
                            f"{constants.HF_HUB_CACHE}: free some space or set HF_HOME to a larger disk") from None
-        raise HubError(f"downloading {what} {hub} failed ({_first_line(e)}); nothing was kept: run again") from None
+        raise HubError(f"downloading {what} {hub} failed ({first_line(e)}); nothing was kept: run again") from None
     except Exception as e:  # the HTTP client's own errors (connection reset mid-file, timeouts) after its retries
-        raise HubError(f"downloading {what} {hub} was interrupted ({type(e).__name__}: {_first_line(e)}); nothing "
+        raise HubError(f"downloading {what} {hub} was interrupted ({first_line(e, typed=True)}); nothing "
                        "was kept: run again") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 MODEL_FILES = {"model.weights": "weights", "model.vae": "VAE"}  # config key -> its name in messages

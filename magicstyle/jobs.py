@@ -21,6 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
+from models.errors import first_line
+
 from .config import ConfigError, load_config
 from .images import ImageError, open_rgb
 from .output import OutputError
@@ -62,7 +64,7 @@ def find_images(specs: Iterable[str], what: str) -> list[Source]:
                 with open_rgb(f) as img:
                     sources.append(Source(f.resolve(), img.size))
             except ImageError as e:
-                sources.append(Source(f.resolve(), error=str(e)))
+                sources.append(Source(f.resolve(), error=first_line(e)))
     return sources
 
 
@@ -111,7 +113,7 @@ def typed_value(key: str, text: str) -> Any:
     try:
         node = OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={text}"]))
     except OmegaConfBaseException as e:
-        raise ConfigError(f"--sweep {key}={text}: {str(e).strip().splitlines()[0]}") from None
+        raise ConfigError(f"--sweep {key}={text}: {first_line(e)}") from None
     for part in key.split("."):
         node = node[part]
     return node

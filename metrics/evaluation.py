@@ -23,10 +23,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from faces.weights import eval_defaults
-from magicstyle.config import ConfigError, _dotlist, _first_line, _load_yaml
+from magicstyle.config import ConfigError, _dotlist, _load_yaml
 from magicstyle.filehash import hash_file
 from magicstyle.model import resolve_device  # images are embedded once per content digest
-from models.errors import MagicStyleError
+from models.errors import MagicStyleError, first_line
 
 from . import features
 from .fid import fid_between
@@ -49,7 +49,7 @@ def load_eval_config(path: str | Path | None = None, dotlist: list[str] = ()) ->
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"configuration: {_first_line(e)} (see configs/eval.yaml for the keys)") from None
+            raise ConfigError(f"configuration: {first_line(e)} (see configs/eval.yaml for the keys)") from None
     metrics = cfg.metrics
     if not isinstance(metrics, ListConfig) or not metrics or any(m not in METRICS for m in metrics):
         raise ConfigError(f"metrics must be a non-empty list of {', '.join(METRICS)}, not {metrics!r}")

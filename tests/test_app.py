@@ -35,6 +35,20 @@ def demo(tmp_path_factory):
     return Demo(cfg, out_dir=tmp / "out")
 
 
+def test_a_settings_error_with_an_empty_message_is_one_line(tmp_path, monkeypatch):
+    """An exception without a message while merging the page's settings: a ConfigError naming its type."""
+    from magicstyle.app import engine
+
+    demo = Demo(load_config(write_config(tmp_path / "tiny.yaml")), sd=object(), files={}, out_dir=tmp_path)
+
+    def empty(*args, **kwargs):
+        raise ValueError()
+
+    monkeypatch.setattr(engine.OmegaConf, "create", empty)
+    with pytest.raises(ConfigError, match=r"^settings: ValueError$"):
+        demo.config(Request(ASTRONAUT, STYLE, beta=0.3))
+
+
 def parameters(path) -> dict:
     with Image.open(path) as img:
         return json.loads(img.text["parameters"])

@@ -274,3 +274,19 @@ def test_prepack_off_gives_the_same_outputs_without_the_cache(sd):
         unpacked = unet(r["unet.x16"], r["unet.t16"], r["text.hidden"])
     assert not any(m in _packed_weights for m in unet.modules() if isinstance(m, Conv2d))
     assert rel_err(unpacked, packed) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One-line errors
+
+
+def test_first_line_of_an_exception():
+    from models.errors import CheckpointError, first_line
+
+    assert first_line(RuntimeError("CUDA out of memory.\n  more detail\n")) == "CUDA out of memory."
+    assert first_line(RuntimeError("\n  indented first line  \nsecond")) == "indented first line"
+    assert first_line(ValueError()) == first_line(ValueError("  \n ")) == "ValueError"  # an empty message: its type
+    assert first_line(KeyboardInterrupt()) == "KeyboardInterrupt"
+    assert first_line(OSError(28, "No space left on device"), typed=True) == "OSError: [Errno 28] No space left on device"
+    assert first_line(TimeoutError(), typed=True) == "TimeoutError"
+    assert first_line(CheckpointError("not SD1.5\nhint"), typed=True) == "not SD1.5"  # says it all without its type

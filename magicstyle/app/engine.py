@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from faces.refine import plan_small_face
-from models.errors import MagicStyleError
+from models.errors import MagicStyleError, first_line
 
 from ..config import ConfigError, validate
 from ..diagnostics import AttentionDiagnostics, heat_map
@@ -140,7 +140,7 @@ class Demo:
         try:
             cfg.merge_with(OmegaConf.create(request.overrides()))
         except Exception as e:  # OmegaConf's type errors, e.g. a non-number where a number goes
-            raise ConfigError(f"settings: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"settings: {first_line(e)}") from None
         validate(cfg)
         return cfg
 
