@@ -222,7 +222,17 @@ def make_jobs(contents: list[Source], styles: list[Source], settings: list[Setti
     return jobs
 
 
-UNCOMPARED = ("batch", "diagnostics")  # config sections that do not change a job's image
+# The config keys (and sections) that do not change a job's image, which resume does not compare: where and how the
+# same arithmetic runs (device, torch.compile, the CPU kernels, the store's memory/recompute trade, pairs per batch,
+# the inversion cache), where model files are looked up (the weights are compared by name), and the diagnostics
+# written beside the PNG.  model.dtype, model.vae_dtype and store.dtype change the numbers and are compared.
+UNCOMPARED = ("batch", "diagnostics", "model.device", "model.compile", "model.prepack", "model.attention",
+              "model.local_dir", "store.mode")
+
+
+def compared(key: str) -> bool:
+    """Whether resume compares the dotted config ``key`` (see ``UNCOMPARED``)."""
+    return not any(key == k or key.startswith(k + ".") for k in UNCOMPARED)
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -241,7 +251,7 @@ def check_resumable(path: Path, cfg: DictConfig) -> None:
     except Exception:  # noqa: BLE001 - not a PNG, or not ours
         raise OutputError(f"{path} exists and is not a MagicStyle output; move it, or choose another --output") from None
     want = flat(OmegaConf.to_container(cfg, resolve=True))
-    keys = [k for k in sorted(made.keys() | want.keys()) if k.split(".")[0] not in UNCOMPARED]
+    keys = [k for k in sorted(made.keys() | want.keys()) if compared(k)]
     if diff := next((k for k in keys if made.get(k) != want.get(k)), None):
         raise OutputError(f"{path} exists but was made with {diff}={made.get(diff)!r}, not {want.get(diff)!r}; pass "
                           "--overwrite to redo the run's jobs, or choose another --output")

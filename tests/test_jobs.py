@@ -188,6 +188,22 @@ def test_a_failed_job_is_recorded_and_the_others_run(stub, inputs, monkeypatch):
         "a_ihc_ffa.beta=0.png", "b_ihc_ffa.beta=0.png", "grid.png", "index.json"]
 
 
+def test_resume_ignores_the_keys_that_do_not_change_the_image(stub, inputs, monkeypatch, capsys):
+    """A grid started with --device auto resumes with --device cpu, another compile/kernel/store-mode/batch choice;
+    a key that changes the numbers (--dtype) still stops it in one line."""
+    argv = ["--content", inputs.contents, "--style", STYLE, "--config", inputs.config, "--sweep", "ffa.beta=0,1",
+            "--output", inputs.output, "--quiet"]
+    assert cli(argv) == 0 and stub.loads == 1
+    how = ["--device", "cpu", "model.compile=false", "model.prepack=true", "model.attention=chunked",
+           "model.local_dir=elsewhere", "store.mode=recompute", "batch.pairs=2", "diagnostics.region=0,0,8,8"]
+    assert cli([*argv, *how]) == 0, capsys.readouterr().err
+    assert stub.loads == 1  # every job skipped: the model is not even loaded
+    assert [j["status"] for j in json.loads((inputs.output / "index.json").read_text())["jobs"]] == ["skipped"] * 4
+    assert cli([*argv, *how, "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "model.dtype='float32', not 'bfloat16'" in err, err
+
+
 def test_a_job_that_shares_nothing_runs_through_stylize(stub, inputs, monkeypatch):
     """face.refine (the small-face pass inverts a crop of the content) is stylize's: such jobs run alone."""
     calls = []
