@@ -1,6 +1,7 @@
 """Writing results: never over a user's file without ``overwrite``, never half a file (temporary file + rename)."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -10,6 +11,11 @@ from models.errors import MagicStyleError
 
 class OutputError(MagicStyleError):
     """An output path that exists (without --overwrite), is a folder, or cannot be written."""
+
+
+class WriteError(OutputError):
+    """Writing failed once the work was done (a full disk, an I/O error): the run failed, not its input, so the CLI
+    exits with status 1, as for a failed job, not 2."""
 
 
 def check_writable(path: str | Path, *, overwrite: bool = False, what: str = "output") -> None:
@@ -41,7 +47,8 @@ def write_atomic(path: str | Path, data: bytes, *, overwrite: bool = False, what
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions a plain open() would
         os.replace(tmp, path)
     except OSError as e:
-        raise OutputError(f"cannot write {what} {path} ({e.strerror or e})") from None
+        hint = ": free some space and run again" if e.errno == errno.ENOSPC else ""
+        raise WriteError(f"cannot write {what} {path} ({e.strerror or e}){hint}") from None
     finally:
         if tmp is not None and Path(tmp).exists():
             Path(tmp).unlink()

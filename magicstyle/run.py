@@ -5,7 +5,9 @@ the model is loaded.  One job (one content, one style, one setting) writes one P
 jobs write a run folder: one PNG per job, ``index.json`` and ``grid.png``.  Jobs share work: each image is encoded
 and inverted (CSDI) once per run, or once per group of settings that change the inversion (``inversion_key``); FFF
 runs once per job.  A job whose PNG exists is skipped (resume) unless ``--overwrite``; a job that fails is recorded
-and the others still run (exit status 1).
+and the others still run (exit status 1).  A run of one job that fails at run time (out of memory, a file that cannot
+be read or written) says so in one line, with exit status 1 too; any other exception is a bug and keeps its
+traceback.
 """
 from __future__ import annotations
 
@@ -19,16 +21,17 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from models.errors import CheckpointError, MagicStyleError
+from models.errors import CheckpointError, MagicStyleError, first_line
 
 from . import batch, grid, jobs, pipeline, shard
 from .compiled import compile_report
 from .hub import fetch_all, quiet_hub
-from .output import check_writable, write_atomic
+from .output import WriteError, check_writable, write_atomic
 from .parameters import png_parameters
 from .progress import Progress
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)  # (torch.OutOfMemoryError since torch 2.5: the same class)
 
 
 def config_overrides(args) -> dict:
@@ -118,15 +121,37 @@ class Run:
 
 
 def run(args) -> int:
-    """The command line's whole run; the exit status (0, 1: some jobs failed, 2: bad input, 130: interrupted)."""
+    """The command line's whole run; the exit status (0, 1: a job or the run failed, 2: bad input, 130:
+    interrupted)."""
     try:
         return _run(args)
+    except WriteError as e:  # a full disk once the work is done: the run failed, not its input
+        sys.stderr.write(f"error: {e}\n")
+        return EXIT_FAILED
     except MagicStyleError as e:
         sys.stderr.write(f"error: {e}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; finished outputs are kept, nothing half-written (run again to resume)\n")
         return EXIT_INTERRUPTED
+    except Exception as e:
+        if (line := runtime_failure(e)) is None:
+            raise  # a bug: its traceback
+        sys.stderr.write(f"error: {line}\n")
+        return EXIT_FAILED
+
+
+def runtime_failure(e: Exception) -> str | None:
+    """One line for a run that failed at run time (out of memory, an operating-system error such as a file that
+    cannot be read), naming what failed and what to do; None for any other exception (a bug)."""
+    if isinstance(e, OUT_OF_MEMORY) or (isinstance(e, RuntimeError) and "out of memory" in str(e)):  # MPS's
+        said = ". ".join(first_line(e).split(". ")[:2])  # CUDA's: what it tried to allocate; not the totals after
+        return (f"out of memory ({said}); try a smaller --size, --dtype float16 or bfloat16, store.mode=recompute, "
+                "batch.pairs=1 or another --device (finished outputs are kept, nothing half-written)")
+    if isinstance(e, OSError):
+        return (f"{first_line(e, typed=True)}; check that file and the free space, then run again (finished outputs "
+                "are kept, nothing half-written)")
+    return None
 
 
 def _run(args) -> int:

@@ -1,4 +1,5 @@
-"""The project's exception types.  The CLI turns any ``MagicStyleError`` into one line on stderr and exit status 2."""
+"""The project's exception types.  The CLI turns any ``MagicStyleError`` into one line on stderr and exit status 2
+(a write that fails once the work is done, ``magicstyle.output.WriteError``: status 1, the run failed)."""
 
 
 class MagicStyleError(Exception):

@@ -1,9 +1,11 @@
 """The command line when a run cannot go on: a device that is not there, Ctrl-C in the middle of the work or of the
-write.  One line on stderr, and the output folder exactly as it was."""
+write, out of memory, a full disk.  One line on stderr, and the output folder exactly as it was; a bug keeps its
+traceback."""
 from __future__ import annotations
 
 
 import pytest
+import torch
 
 import magicstyle.pipeline as pipeline
 from _tiny import fail_half_way, tree
@@ -27,18 +29,8 @@ def test_cuda_asked_for_without_a_gpu_is_one_line(inputs, monkeypatch, capsys):
 def test_ctrl_c_during_a_run_leaves_no_partial_output(inputs, monkeypatch, capsys, when):
     """Ctrl-C in the middle of the UNet's work, or half-way through writing the PNG: exit status 130, one line, and
     the folder as it was (an existing output, replaced only with --overwrite, is untouched)."""
-    from models.unet import UNet
-
     if when == "generate":
-        forward, calls = UNet.forward, []
-
-        def interrupted(self, *args, **kwargs):
-            calls.append(1)
-            if len(calls) == STEPS + 1:  # the first generation step
-                raise KeyboardInterrupt
-            return forward(self, *args, **kwargs)
-
-        monkeypatch.setattr(UNet, "forward", interrupted)
+        fail_in_the_unet(monkeypatch, KeyboardInterrupt())
     else:
         fail_half_way(monkeypatch, KeyboardInterrupt())
     existing(inputs.output, b"an old result")
@@ -47,3 +39,55 @@ def test_ctrl_c_during_a_run_leaves_no_partial_output(inputs, monkeypatch, capsy
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "interrupted" in err and "Traceback" not in err, err
     assert tree(inputs.tmp) == before
+
+
+def fail_in_the_unet(monkeypatch, failure: BaseException) -> None:
+    """The UNet raises ``failure`` at the first generation step (after CSDI's STEPS calls)."""
+    from models.unet import UNet
+
+    forward, calls = UNet.forward, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == STEPS + 1:
+            raise failure
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", failing)
+
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB "
+            "is free. Of the allocated memory 75.2 GiB is allocated by PyTorch, and 1.2 GiB is reserved but unallocated.")
+
+
+@pytest.mark.parametrize("failure, words", [
+    pytest.param(torch.cuda.OutOfMemoryError(CUDA_OOM), ["out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)",
+                                                    "--size"], id="cuda-oom"),
+    pytest.param(MemoryError(), ["out of memory (MemoryError)"], id="cpu-oom"),
+    pytest.param(OSError(5, "Input/output error", "/mnt/lost"), ["OSError", "Input/output error", "/mnt/lost"],
+                 id="io-error"),
+    pytest.param(None, ["cannot write output", "No space left on device", "free some space"], id="disk-full"),
+])
+def test_a_run_that_fails_at_run_time_is_one_line_with_exit_status_1(inputs, monkeypatch, capsys, failure, words):
+    """Out of memory in the UNet, an I/O error, the disk filling while the PNG is written: one line, exit status 1
+    (as a failed job of a sweep), and nothing written (an existing output, replaced only with --overwrite, is
+    untouched)."""
+    if failure is None:
+        fail_half_way(monkeypatch, OSError(28, "No space left on device"))
+    else:
+        fail_in_the_unet(monkeypatch, failure)
+    existing(inputs.output, b"an old result")
+    before = tree(inputs.tmp)
+    assert cli(argv(inputs, "--overwrite", "--report", inputs.tmp / "out" / "report.json")) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+    assert tree(inputs.tmp) == before
+
+
+def test_a_bug_keeps_its_traceback(inputs, monkeypatch):
+    """A plain Python error is not dressed up as a one-line failure."""
+    fail_in_the_unet(monkeypatch, TypeError("forward() got an unexpected keyword argument 'x'"))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        cli(argv(inputs))
+    assert not inputs.output.exists()
