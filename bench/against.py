@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from models.config import SD15Config
-from models.conv import set_prepack
+from models.layers import set_prepack
 from models.cpu_tuning import CPUChoice
 from models.loader import UNET_PREFIX
 from models.unet import UNet

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from magicstyle.config import DTYPES  # noqa: E402
 from attention.core import set_cpu_attention  # noqa: E402
 from models.config import SD15Config  # noqa: E402
-from models.conv import set_prepack  # noqa: E402
+from models.layers import set_prepack  # noqa: E402
 from models.cpu_tuning import cpu_info, tune  # noqa: E402
 from models.loader import UNET_PREFIX, SafetensorsFile, component_keys, load_component  # noqa: E402
 from models.unet import UNet  # noqa: E402

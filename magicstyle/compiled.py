@@ -10,7 +10,7 @@ feature store to each step with ``store.step(t)``, and inside the graph the reci
 (attention/store.py).  So one graph serves all 30 steps, and CSDI, FFF and each batch size get one each.
 
 ``auto`` turns it on for CUDA and off elsewhere: on a CPU, compiling costs minutes and the oneDNN path of
-``models/conv.py`` is already the fast one.  ``true`` on a CPU compiles with Inductor's C++ backend (for tests and
+``models/layers.py`` is already the fast one.  ``true`` on a CPU compiles with Inductor's C++ backend (for tests and
 experiments; the prepacked convolutions are turned off, their weight cache cannot be traced).  The first calls of each
 new shape compile (about a minute for the full UNet on an H100); that time is also reported as ``seconds.compile``.
 Attention diagnostics (``fff(..., diagnostics=...)``) run the eager UNet: the observer is Python that reads tensors.
@@ -23,7 +23,7 @@ import sys
 import torch
 
 from models import UNet
-from models.conv import set_prepack
+from models.layers import set_prepack
 
 from .config import ConfigError
 
@@ -66,7 +66,7 @@ class CompiledUNet:
 def compile_unet(unet: UNet, **options) -> CompiledUNet:
     """Attach a compiled runner to ``unet`` (the module itself is unchanged; ``runner(unet)`` returns it)."""
     if next(unet.parameters()).device.type == "cpu":
-        set_prepack(unet, False)  # the oneDNN weight cache (models/conv.py) cannot be traced
+        set_prepack(unet, False)  # the oneDNN weight cache (models/layers.py) cannot be traced
     compiled = CompiledUNet(unet, **options)
     unet.__dict__["compiled"] = compiled  # a plain attribute, not a submodule: state_dict and .to() never see it
     return compiled

@@ -10,7 +10,7 @@ from PIL import Image
 
 from models import SD15, DiagonalGaussian, load_sd15
 from attention.core import set_cpu_attention
-from models.conv import cpu_has_bf16, set_prepack
+from models.layers import cpu_has_bf16, set_prepack
 from models.cpu_tuning import fast_paths
 
 from .compiled import compile_unet, use_compile

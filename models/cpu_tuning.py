@@ -1,7 +1,7 @@
 """Which CPU fast paths this machine should use: prepacked convolutions or not, and which attention kernel.
 
 What is fastest depends on the CPU family, not only on its flags (``bench/README.md``, one table per family): the
-prepacked oneDNN convolutions of ``models/conv.py`` pay off on Xeons with AMX and lose on an AMD EPYC with
+prepacked oneDNN convolutions of ``models/layers.py`` pay off on Xeons with AMX and lose on an AMD EPYC with
 AVX512-BF16.  ``tune(dtype)`` therefore times a few representative convolutions of the SD1.5 UNet and VAE with and
 without the prepacked weight, and the attention kernels of ``attention/core.py`` at the UNet's largest self-attention
 (4096 tokens), once per CPU model, torch version and dtype, and keeps the answer in the user's cache folder
@@ -20,7 +20,7 @@ import torch
 
 from attention.core import ATTENTION_KERNELS
 
-from .conv import Conv2d
+from .layers import Conv2d
 from .usercache import cache_folder, read_json, write_json
 
 CACHE_NAME = "cpu_tuning.json"

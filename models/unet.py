@@ -10,10 +10,10 @@ Every ``attn1`` is the swap point of the method: its ``recipe(layer, x)`` comput
 layer's normalised input x (``layer.qkv(x)`` gives the projections), and ``set_recipe(unet, path, recipe)`` installs
 one by the layer's path, e.g. ``output_blocks.6.1.transformer_blocks.0.attn1``.  The recipes are in ``attention/``.
 
-Speed on CPU (same parameters, same state dict): activations are kept channels-last; the convolutions are ``Conv2d``,
-which runs oneDNN on a weight reordered once into oneDNN's blocked layout (cached; for bfloat16 this is what lets
-oneDNN use its AMX kernels); and the SpatialTransformers' 1x1 ``proj_in``/``proj_out`` run as linear maps on the
-(B, H*W, C) tokens, which channels-last makes a free view.  ``bench/benchmark.py --unet`` measures it.
+Speed on CPU (same parameters, same state dict): activations are kept channels-last; the layers of ``layers.py`` run
+oneDNN on weights reordered once into its blocked layout (cached; for bfloat16 this is what lets oneDNN use its AMX
+kernels) and compute in ``compute_dtype``; and the SpatialTransformers' 1x1 ``proj_in``/``proj_out`` run as linear
+maps on the (B, H*W, C) tokens, which channels-last makes a free view.  ``bench/benchmark.py --unet`` measures it.
 """
 from __future__ import annotations
 
@@ -28,15 +28,15 @@ from attention.core import multihead_attention
 from attention.plain import plain
 
 from .config import SD15Config
-from .conv import Conv2d, Upsample
+from .layers import Conv2d, GroupNorm, LayerNorm, Linear, Upsample, linear
 
 # A recipe maps the layer and its normalised input x (B, N, C) to the attention output (B, N, C), which the layer
 # then sends through its own output projection ``to_out`` (see ``attention/``).
 Recipe = Callable[["Attention", torch.Tensor], torch.Tensor]
 
 
-def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=eps)
+def group_norm(channels: int, eps: float = 1e-5) -> GroupNorm:
+    return GroupNorm(32, channels, eps=eps)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -51,7 +51,7 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int):
         super().__init__()
         self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             group_norm(out_channels), nn.SiLU(), nn.Dropout(0.0), Conv2d(out_channels, out_channels, 3, padding=1)
         )
@@ -74,10 +74,10 @@ class Attention(nn.Module):
         super().__init__()
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim), nn.Dropout(0.0))
+        self.to_q = Linear(query_dim, query_dim, bias=False)
+        self.to_k = Linear(context_dim, query_dim, bias=False)
+        self.to_v = Linear(context_dim, query_dim, bias=False)
+        self.to_out = nn.Sequential(Linear(query_dim, query_dim), nn.Dropout(0.0))
         self.recipe: Recipe = plain
         self.path = ""
 
@@ -95,7 +95,7 @@ class Attention(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -105,7 +105,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -117,7 +117,7 @@ class BasicTransformerBlock(nn.Module):
         self.attn1 = Attention(dim, heads)
         self.ff = FeedForward(dim)
         self.attn2 = Attention(dim, heads, context_dim)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm1, self.norm2, self.norm3 = LayerNorm(dim), LayerNorm(dim), LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))  # self-attention: the layer MagicStyle works on (paper eq. 3, Alg. 1 l. 6)
@@ -129,19 +129,19 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int):
         super().__init__()
         self.norm = group_norm(channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)  # 1x1 convolutions, run as linear maps on the tokens
+        self.proj_in = Conv2d(channels, channels, 1)  # 1x1 convolutions, run as linear maps on the tokens
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)
         )
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, H*W, C); a view when x is channels-last
-        h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)
+        h = linear(self.proj_in, h)
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        h = linear(self.proj_out, h)
         return x + h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last
 
 
@@ -176,7 +176,10 @@ class UNet(nn.Module):
         mc, heads, depth, ctx = cfg.model_channels, cfg.num_heads, cfg.transformer_depth, cfg.context_dim
         emb_dim = mc * 4
         self.model_channels = mc
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # None: compute in the weights' dtype.  float32 for weights stored in bfloat16: every layer casts its weights
+        # (models/layers.py); where bfloat16 kernels are slow (CPUs without AMX), model.cpu_compute chooses this.
+        self.compute_dtype: torch.dtype | None = None
+        self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
 
         def transformer(ch: int) -> SpatialTransformer:
             return SpatialTransformer(ch, heads, depth, ctx)
@@ -219,10 +222,11 @@ class UNet(nn.Module):
         """x (B, 4, h, w), t (B,) or one timestep for all rows, context (B, 77, D) -> eps (B, 4, h, w).
 
         The inputs may be on any device and of any dtype (``t`` integer or float): they are moved to the UNet's device
-        and dtype here, and the result is on that device, in that dtype.
+        and to the dtype it computes in (``compute_dtype``, by default its weights' dtype), and the result is on that
+        device, in that dtype.
         """
         weight = self.out[2].weight
-        dtype, device = weight.dtype, weight.device
+        dtype, device = self.compute_dtype or weight.dtype, weight.device
         t = torch.as_tensor(t, device=device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))  # (B, 4*mc)

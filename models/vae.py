@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SD15Config
-from .conv import Conv2d, Upsample
+from .layers import Conv2d, GroupNorm, Upsample
 
 
-def norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def norm(channels: int) -> GroupNorm:
+    return GroupNorm(32, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
@@ -151,7 +151,7 @@ class Decoder(nn.Module):
 
 
 def _layout(x: torch.Tensor) -> torch.Tensor:
-    """Channels-last on the CPU, the layout oneDNN's convolutions work in (see ``conv.py``)."""
+    """Channels-last on the CPU, the layout oneDNN's convolutions work in (see ``layers.py``)."""
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
@@ -176,9 +176,13 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
         self.post_quant_conv = Conv2d(cfg.z_channels, cfg.z_channels, 1)
 
+        # None: compute in the weights' dtype; float32 for weights stored in bfloat16 (see UNet.compute_dtype)
+        self.compute_dtype: torch.dtype | None = None
+
     @property
     def dtype(self) -> torch.dtype:
-        return self.quant_conv.weight.dtype
+        """The dtype the autoencoder computes in (its weights' unless ``compute_dtype`` says otherwise)."""
+        return self.compute_dtype or self.quant_conv.weight.dtype
 
     def encode(self, img: torch.Tensor) -> DiagonalGaussian:
         """img (B, 3, H, W) in [-1, 1] -> posterior over unscaled latents (B, 4, H/8, W/8)."""

@@ -186,7 +186,7 @@ def test_config_keys_accept_auto_true_false_and_kernel_names():
 def test_load_model_applies_the_cached_choice(tmp_path, monkeypatch):
     from conftest import TINY_HPARAMS, TINY_WEIGHTS
     from magicstyle import load_config, load_model
-    from models.conv import Conv2d
+    from models.layers import Conv2d
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     ct.write_cache(ct.cache_file(), {ct.cache_key(ct.cpu_info(), torch.float32): {"prepack": False, "attention": "chunked"}})
@@ -208,7 +208,7 @@ def test_load_model_applies_the_cached_choice(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_pointwise_conv_runs_as_a_linear_map_with_the_same_result(channels_last):
-    from models.conv import Conv2d, _packed_weights
+    from models.layers import Conv2d, _packed_weights
 
     torch.manual_seed(0)
     conv = Conv2d(24, 16, 1, dtype=torch.bfloat16).requires_grad_(False)

@@ -262,7 +262,7 @@ def test_sd15_yaml_holds_the_dataclass_defaults():
 def test_prepack_off_gives_the_same_outputs_without_the_cache(sd):
     import copy
 
-    from models.conv import Conv2d, _packed_weights, set_prepack
+    from models.layers import Conv2d, _packed_weights, set_prepack
 
     r = refs()
     unet = copy.deepcopy(sd.unet)

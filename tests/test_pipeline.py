@@ -139,7 +139,7 @@ def test_fff_with_alpha_1_reproduces_the_reconstruction(sd, latents):
 
     FFA then attends with the features CSDI recorded at each timestep, which the plain sampler recomputes from its own
     latent; the two latents coincide as far as the inversion is exact.  So the model is tamed (a random tiny UNet is
-    far from smooth) and the inversion refined.  The gap (measured 0.0045) must be small next to the effects of the
+    far from smooth) and the inversion refined.  The gap (measured 0.003) must be small next to the effects of the
     attention alone (AdaIN of the start latents off): the features of the neighbouring timestep (the bug this guards,
     0.022) and the features of another image (0.035).
     """
@@ -159,7 +159,9 @@ def test_fff_with_alpha_1_reproduces_the_reconstruction(sd, latents):
         z_styled = fff(sd, csdi(sd, latents[0], styled), styled)
         eps = cfg_eps_fn(CountedUNet(sd.unet), encode_text(sd, [""]), None, 1.0)
         ts = ddim_timesteps(10)
-        z_recon = ddim_sample(eps, ddim_invert(eps, latents[1][:1], ts, refine=8), ts)
+        # inverted as CSDI inverts, both images in one batch: a random tiny UNet amplifies the rounding of another
+        # batch size (kernels may block the rows differently) into a gap of the size this test measures
+        z_recon = ddim_sample(eps, ddim_invert(eps, latents[1], ts, refine=8)[:1], ts)
     finally:
         unet_out.weight.copy_(saved[0]), unet_out.bias.copy_(saved[1])
     gap = (z_same - z_recon).norm()
