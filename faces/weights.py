@@ -6,8 +6,6 @@ a prefix of it, or null).
 """
 from __future__ import annotations
 
-import hashlib
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -22,15 +20,6 @@ EVAL_LOCAL_DIR = "weights/eval"  # hf: references: a file of the same name here 
 
 class FaceModelError(MagicStyleError):
     """A model file for faces or metrics that is missing, has the wrong hash, or is not the expected model."""
-
-
-@lru_cache(maxsize=None)
-def _sha256(path: Path, mtime: float, size: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_entry(name: str, config: DictConfig | None = None) -> DictConfig:
@@ -75,8 +64,9 @@ def require_file(path: str | Path | None, name: str, config: DictConfig | None =
                              f"set {setting}")
     expected = entry.get("sha256")
     if expected:
-        stat = path.stat()
-        if not _sha256(path.resolve(), stat.st_mtime, stat.st_size).startswith(str(expected).lower()):
+        from magicstyle.filehash import file_sha256  # here: magicstyle's pipeline imports faces
+
+        if not file_sha256(path).startswith(str(expected).lower()):
             raise FaceModelError(f"{name} model file {path} has the wrong SHA-256 (expected {expected}...); "
                                  f"download it again from {entry.source}")
     return path

@@ -102,6 +102,32 @@ def test_missing_or_wrong_face_models(tmp_path):
         ArcFace(scrfd_onnx(tmp_path / "det_10g.onnx"))
 
 
+def test_model_file_hash_is_the_projects_file_hash(tmp_path, monkeypatch):
+    """require_file checks the SHA-256 with magicstyle/filehash (one file hash, remembered per file), not its own."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    from faces.weights import eval_defaults, require_file
+    from magicstyle import filehash
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    hashed = []
+    real = filehash.hash_file
+    monkeypatch.setattr(filehash, "hash_file", lambda path: (hashed.append(path), real(path))[1])
+    filehash._sha256.cache_clear()
+    model = tmp_path / "det_10g.onnx"
+    model.write_bytes(b"onnx" * 100)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    cfg = OmegaConf.merge(eval_defaults(), {"models": {"scrfd": {"file": str(model), "sha256": digest[:8]}}})
+    assert require_file(None, "scrfd", cfg) == model and require_file(None, "scrfd", cfg) == model
+    assert len(hashed) == 1  # hashed once, by filehash
+    cfg.models.scrfd.sha256 = "0" * 8
+    with pytest.raises(FaceModelError, match="wrong SHA-256"):
+        require_file(None, "scrfd", cfg)
+    filehash._sha256.cache_clear()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The small-face pass
 
