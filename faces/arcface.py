@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .align import ARCFACE_SIZE
-from .weights import FaceModelError, require_file
+from .weights import FaceModelError, loading, require_file
 
 MEAN, STD = 127.5, 127.5
 
@@ -22,7 +22,8 @@ class ArcFace:
         import onnxruntime
 
         path = require_file(path, "arcface")
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        with loading(path, "arcface"):
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or list(inputs[0].shape[1:]) != [3, ARCFACE_SIZE, ARCFACE_SIZE]:
             raise FaceModelError(f"{path} does not take (N, 3, 112, 112) face crops; use w600k_r50.onnx of "

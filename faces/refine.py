@@ -20,11 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from .scrfd import SCRFD, Faces
-from .weights import require_file, resolve
+from .weights import resolve
 
 
 def load_detector(cfg: DictConfig) -> Callable[[Image.Image], Faces]:
-    return SCRFD(require_file(resolve(cfg.face.detector), "scrfd", setting="face.detector"))
+    return SCRFD(resolve(cfg.face.detector), setting="face.detector")
 
 
 def native_square(img: Image.Image) -> Image.Image:

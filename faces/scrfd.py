@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .weights import require_file
+from .weights import FaceModelError, loading, require_file
 
 INPUT_SIZE = 640
 MEAN, STD = 127.5, 128.0
@@ -117,16 +117,17 @@ def decode(outputs: list[np.ndarray], input_size: int = INPUT_SIZE, threshold: f
 class SCRFD:
     """``detector(image) -> Faces``; the model file is checked when the detector is made."""
 
-    def __init__(self, path: str | Path, *, threshold: float = SCORE_THRESHOLD, iou: float = NMS_IOU):
+    def __init__(self, path: str | Path, *, threshold: float = SCORE_THRESHOLD, iou: float = NMS_IOU,
+                 setting: str | None = None):
+        """``setting``: the config key that gave ``path``, for the messages (default ``models.scrfd.file``)."""
         import onnxruntime
 
-        path = require_file(path, "scrfd")
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        path = require_file(path, "scrfd", setting=setting)
+        with loading(path, "scrfd", setting=setting):
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
         if len(self.outputs) != 9:
-            from .weights import FaceModelError
-
             raise FaceModelError(f"{path} has {len(self.outputs)} outputs, not SCRFD's 9 (scores, boxes and "
                                  "landmarks for 3 strides); use det_10g.onnx of insightface's buffalo_l")
         self.threshold, self.iou = threshold, iou

@@ -1,4 +1,5 @@
-"""Model files for faces and metrics: their entries in ``configs/eval.yaml`` and the one-line error when missing.
+"""Model files for faces and metrics: their entries in ``configs/eval.yaml``, and one-line errors for a file that is
+missing, has the wrong hash, or cannot be loaded (damaged, or another model's).
 
 An entry gives ``file`` (the expected path, or for ``.safetensors`` files a Hub reference ``hf:OWNER/REPO/FILE``,
 fetched by ``magicstyle.hub`` and found in ``EVAL_LOCAL_DIR`` first), ``source`` (where to get it) and ``sha256`` (or
@@ -6,6 +7,7 @@ a prefix of it, or null).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -48,7 +50,7 @@ def require_file(path: str | Path | None, name: str, config: DictConfig | None =
     ``setting``: the config key that gave ``path``, for the message (default ``models.<name>.file``).
     """
     entry = model_entry(name, config)
-    setting = setting or f"models.{name}.file in configs/eval.yaml"
+    setting = setting or _setting(name, entry)
     given = path if path is not None else entry.file
     if given is None:
         raise FaceModelError(f"no file is configured for the {name} model; set models.{name}.file "
@@ -70,3 +72,43 @@ def require_file(path: str | Path | None, name: str, config: DictConfig | None =
             raise FaceModelError(f"{name} model file {path} has the wrong SHA-256 (expected {expected}...); "
                                  f"download it again from {entry.source}")
     return path
+
+
+def _setting(name: str, entry: DictConfig) -> str:
+    """Where the user picks the model of entry ``name``: its file (and its name, for entries that have one)."""
+    keys = f"models.{name}.file" + (f" and models.{name}.name" if "name" in entry else "")
+    return f"{keys} in configs/eval.yaml"
+
+
+@contextmanager
+def loading(path: str | Path, name: str, config: DictConfig | None = None, *, setting: str | None = None):
+    """Around a model loader: any error it raises (each library has its own: torch, onnxruntime, safetensors, timm,
+    open_clip) becomes one ``FaceModelError`` line naming the file and what to do.  Our own errors pass through."""
+    try:
+        yield
+    except (MagicStyleError, MemoryError):
+        raise
+    except Exception as e:
+        from magicstyle.config import _first_line  # here: magicstyle's pipeline imports faces
+
+        entry = model_entry(name, config)
+        detail = f"{type(e).__name__}: {_first_line(e)}"
+        detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        raise FaceModelError(f"{name} model file {path} cannot be loaded ({detail}); if it is damaged, delete it and "
+                             f"get {entry.source} again; if it is another model's, check "
+                             f"{setting or _setting(name, entry)}") from None
+
+
+def read_state_dict(path: str | Path, name: str, config: DictConfig | None = None) -> dict:
+    """A PyTorch weights file as a dict of tensors (``torch.load(weights_only=True)``; a ``state_dict`` key is
+    unwrapped); a file that is not one is a one-line ``FaceModelError``."""
+    import torch
+
+    with loading(path, name, config):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        entry = model_entry(name, config)
+        raise FaceModelError(f"{name} model file {path} holds no state dict (a dict of tensors); get "
+                             f"{entry.source} again, or check {_setting(name, entry)}")
+    return state

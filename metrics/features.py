@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from faces import SCRFD, ArcFace, norm_crop, require_file
+from faces.weights import loading
 from magicstyle.images import open_rgb
 from magicstyle.output import write_atomic
 
@@ -53,7 +54,8 @@ def _to_unit(x: torch.Tensor) -> np.ndarray:
 def clip_embedder(entry: DictConfig, path: Path, device: torch.device) -> Embedder:
     import open_clip
 
-    model, _, preprocess = open_clip.create_model_and_transforms(entry.name, pretrained=str(path), device=device)
+    with loading(path, "clip"):
+        model, _, preprocess = open_clip.create_model_and_transforms(entry.name, pretrained=str(path), device=device)
     model.eval()
 
     @torch.no_grad()
@@ -67,7 +69,11 @@ def dino_embedder(entry: DictConfig, path: Path, device: torch.device) -> Embedd
     import timm
     from torchvision import transforms as T
 
-    model = timm.create_model(entry.name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
+    # the file has no classifier (num_classes 0), so that timm loads it strictly: another model's file is an error,
+    # never a silently random network
+    with loading(path, "dino"):
+        model = timm.create_model(entry.name, pretrained=True, num_classes=0,
+                                  pretrained_cfg_overlay={"file": str(path), "num_classes": 0})
     model.eval().to(device)
     preprocess = T.Compose([  # the (and DINO's evaluation) transform
         T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
@@ -93,10 +99,10 @@ def face_embedder(detector_path: Path, arcface_path: Path) -> Embedder:
     return embed
 
 
-def inception_embedder(path: Path, device: torch.device) -> Embedder:
+def inception_embedder(path: Path, device: torch.device, name: str = "fid_inception") -> Embedder:
     from .fid import load_inception
 
-    model = load_inception(path).to(device)
+    model = load_inception(path, name).to(device)
 
     @torch.no_grad()
     def embed(img: Image.Image) -> np.ndarray:
@@ -132,7 +138,8 @@ def embedder(kind: str, cfg: DictConfig, device: torch.device) -> Embedder:
         return dino_embedder(cfg.models.dino, files[0], device)
     if kind == "face":
         return face_embedder(*files)
-    return inception_embedder(files[0], device)
+    art = kind == "artfid" and cfg.models.artfid_inception.file
+    return inception_embedder(files[0], device, "artfid_inception" if art else "fid_inception")
 
 
 def cache_name(kind: str, cfg: DictConfig) -> str:

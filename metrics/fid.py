@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from scipy import linalg
 from torchvision.models import inception as tv
 
-from faces.weights import FaceModelError
+from faces.weights import FaceModelError, loading, read_state_dict
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
@@ -127,15 +127,17 @@ class FIDInception(tv.Inception3):
         return x.flatten(1)  # (N, 2048)
 
 
-def load_inception(path: str | Path) -> FIDInception:
-    """The FID Inception from a state dict file (pytorch-fid's, or ArtFID's of the same architecture)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
+def load_inception(path: str | Path, name: str = "fid_inception") -> FIDInception:
+    """The FID Inception from a state dict file (pytorch-fid's, or ArtFID's of the same architecture: ``name``
+    ``artfid_inception``, for the messages)."""
+    state = read_state_dict(path, name)
     classes = state["fc.weight"].shape[0] if "fc.weight" in state else 1008
     model = FIDInception(num_classes=classes)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with loading(path, name):  # a tensor of another shape under a known key
+        missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         key = (missing or unexpected)[0]
         raise FaceModelError(f"{path} is not an FID Inception-v3 state dict ({'missing' if missing else 'unexpected'} "
-                             f"key {key}); use pt_inception-2015-12-05-6726825d.pth")
+                             f"key {key}); use pt_inception-2015-12-05-6726825d.pth (models.{name}.file in "
+                             "configs/eval.yaml)")
     return model.eval()

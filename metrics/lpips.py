@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision.models import alexnet
 
-from faces.weights import FaceModelError
+from faces.weights import FaceModelError, read_state_dict
 
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -51,18 +51,21 @@ class LPIPS(nn.Module):
 
 def load_lpips(alexnet_path: str | Path, linear_path: str | Path) -> LPIPS:
     model = LPIPS()
-    backbone = torch.load(alexnet_path, map_location="cpu", weights_only=True)
+    backbone = read_state_dict(alexnet_path, "lpips_alexnet")
     features = {k.removeprefix("features."): v for k, v in backbone.items() if k.startswith("features.")}
-    linear = torch.load(linear_path, map_location="cpu", weights_only=True)
+    linear = read_state_dict(linear_path, "lpips_linear")
     lins = {f"{i}.weight": linear.get(f"lin{i}.model.1.weight") for i in range(len(CHANNELS))}
     try:
         model.features.load_state_dict(features)
     except RuntimeError:
-        raise FaceModelError(f"{alexnet_path} is not torchvision's AlexNet (alexnet-owt-7be5be79.pth)") from None
+        raise FaceModelError(f"{alexnet_path} is not torchvision's AlexNet (alexnet-owt-7be5be79.pth); check "
+                             "models.lpips_alexnet.file in configs/eval.yaml") from None
     if any(v is None for v in lins.values()):
-        raise FaceModelError(f"{linear_path} is not LPIPS v0.1's alex.pth (keys lin0.model.1.weight ...)")
+        raise FaceModelError(f"{linear_path} is not LPIPS v0.1's alex.pth (keys lin0.model.1.weight ...); check "
+                             "models.lpips_linear.file in configs/eval.yaml")
     try:
         model.lins.load_state_dict(lins)
     except RuntimeError:
-        raise FaceModelError(f"{linear_path} does not hold AlexNet's LPIPS layers (use v0.1/alex.pth)") from None
+        raise FaceModelError(f"{linear_path} does not hold AlexNet's LPIPS layers (use v0.1/alex.pth); check "
+                             "models.lpips_linear.file in configs/eval.yaml") from None
     return model.eval()

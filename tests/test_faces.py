@@ -182,10 +182,13 @@ def test_small_face_pass_without_detector_fails_before_the_model_loads(tmp_path)
         stylize(ASTRONAUT, STYLE, cfg)
 
 
-def test_cli_small_face_pass_without_detector(tmp_path, capsys):
+@pytest.mark.parametrize("detector", ["missing", "damaged"])
+def test_cli_small_face_pass_without_detector(tmp_path, capsys, detector):
     import train_free_run
     from _tiny import write_config
 
+    if detector == "damaged":  # a download cut short: onnxruntime cannot parse it
+        (tmp_path / "det.onnx").write_bytes(b"\x08\x07\x12\x04onnx")
     config = write_config(tmp_path / "run.yaml", extra=f"face:\n  refine: true\n  detector: {tmp_path}/det.onnx\n")
     output = tmp_path / "out.png"
     code = train_free_run.main(["--content", str(ASTRONAUT), "--style", str(STYLE), "--config", str(config),

@@ -249,3 +249,38 @@ def test_evaluate_on_cuda_without_a_gpu_is_one_line(tmp_path, models, capsys, mo
     assert evaluate_cli.main([str(run), "--device", "cuda", "--quiet", *models]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no CUDA GPU" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Damaged or wrong model files, through the command: one line naming the file and what to do, exit status 2
+
+
+def damaged(kind: str, folder, models: list[str]):
+    """A model file gone wrong: a download cut short, bytes that are no model, or another model's weights."""
+    given = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in models}
+    real = lambda key: open(given[f"models.{key}.file"], "rb").read()  # noqa: E731
+    path = folder / f"damaged-{kind}"
+    path.write_bytes({
+        "truncated": lambda: real("fid_inception")[:4096], "garbage": lambda: b"<html>Not Found</html>" * 10,
+        "empty": lambda: b"", "inception": lambda: real("fid_inception"), "clip": lambda: real("clip"),
+        "tensor": lambda: (torch.save(torch.zeros(3), folder / "t.pth"), (folder / "t.pth").read_bytes())[1],
+    }[kind]())
+    return path
+
+
+@pytest.mark.parametrize("entry, metric, kind", [
+    ("fid_inception", "fid", "truncated"), ("fid_inception", "fid", "garbage"), ("fid_inception", "fid", "empty"),
+    ("fid_inception", "fid", "tensor"), ("lpips_alexnet", "styleid", "truncated"), ("lpips_linear", "styleid", "tensor"),
+    ("lpips_linear", "styleid", "inception"), ("scrfd", "face", "garbage"), ("arcface", "face", "empty"),
+    ("clip", "clip", "truncated"), ("clip", "clip", "inception"), ("dino", "dino", "garbage"),
+    ("dino", "dino", "clip"), ("dino", "dino", "inception"),
+])
+def test_evaluate_cli_damaged_or_wrong_model_file(tmp_path, models, capsys, entry, metric, kind):
+    run = make_run(tmp_path / "run")
+    path = damaged(kind, tmp_path, models)
+    overrides = [o for o in models if not o.startswith(f"models.{entry}.file=")] + [f"models.{entry}.file={path}"]
+    assert evaluate_cli.main([str(run), "--quiet", "--metrics", metric, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(path) in err, err
+    assert f"models.{entry}.file" in err and "configs/eval.yaml" in err, err
+    assert not (run / "eval" / "metrics.md").exists()
