@@ -71,7 +71,8 @@ def _eval_yaml(path: Path) -> DictConfig:
 
 
 def read_index(run_dir: Path) -> dict:
-    """The run's index.json, checked against the ``magicstyle-run/1`` layout."""
+    """The run's index.json, checked against the ``magicstyle-run/1`` layout (README, "Sweeps"): every field that
+    evaluation reads has its type, so that a hand-edited or damaged index is one line, not a traceback later."""
     path = run_dir / "index.json"
     if not path.is_file():
         raise EvalError(f"{path} not found; give a run folder written by the magicstyle command (it holds index.json)")
@@ -82,14 +83,41 @@ def read_index(run_dir: Path) -> dict:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         found = index.get("format") if isinstance(index, dict) else None
         raise EvalError(f"{path} is not a {FORMAT} index (format {found!r})")
-    for key, kind in (("settings", list), ("jobs", list)):
-        if not isinstance(index.get(key), kind):
-            raise EvalError(f"{path} has no {key} list")
-    for i, job in enumerate(index["jobs"]):
-        missing = [k for k in ("content", "style", "setting", "output", "status") if k not in job]
-        if missing or not 0 <= job["setting"] < len(index["settings"]):
-            raise EvalError(f"{path}: job {i} lacks {missing[0]!r}" if missing else f"{path}: job {i} has no setting")
+    problem = _index_problem(index)
+    if problem:
+        raise EvalError(f"{path}: {problem} (a hand-edited or damaged index: restore it, or run the sweep again to "
+                        "rewrite it)")
     return index
+
+
+def _index_problem(index: dict) -> str | None:
+    """What is wrong with a ``magicstyle-run/1`` index's settings and jobs, or None."""
+    for key in ("settings", "jobs"):
+        if not isinstance(index.get(key), list):
+            return f"no {key} list"
+    for i, setting in enumerate(index["settings"]):
+        if not isinstance(setting, dict):
+            return f"setting {i} is not an object"
+        if not isinstance(setting.get("label", ""), str):
+            return f"setting {i}: label must be a string, not {type(setting['label']).__name__}"
+        if not isinstance(setting.get("overrides", {}), dict):
+            return f"setting {i}: overrides must be an object, not {type(setting['overrides']).__name__}"
+    for i, job in enumerate(index["jobs"]):
+        if not isinstance(job, dict):
+            return f"job {i} is not an object"
+        missing = [k for k in ("content", "style", "setting", "output", "status") if k not in job]
+        if missing:
+            return f"job {i} lacks {missing[0]!r}"
+        for key in ("content", "style", "output"):
+            if not isinstance(job[key], str) or not job[key]:
+                return f"job {i}: {key} must be a file name, not {job[key]!r:.40}"
+        if not isinstance(job["status"], str):
+            return f"job {i}: status must be a string (done, skipped or failed), not {job['status']!r:.40}"
+        s, n = job["setting"], len(index["settings"])
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < n:
+            where = f"0 to {n - 1}" if n else "the settings list is empty"
+            return f"job {i}: setting must be an index into settings ({where}), not {s!r:.40}"
+    return None
 
 
 def _mean(values: list[float]) -> float | None:

@@ -284,3 +284,42 @@ def test_evaluate_cli_damaged_or_wrong_model_file(tmp_path, models, capsys, entr
     assert err.startswith("error: ") and err.count("\n") == 1 and str(path) in err, err
     assert f"models.{entry}.file" in err and "configs/eval.yaml" in err, err
     assert not (run / "eval" / "metrics.md").exists()
+
+
+def _set(container_key: str, i, key, value):
+    def edit(index):
+        if key is None:
+            index[container_key][i] = value
+        elif value is KeyError:
+            del index[container_key][i][key]
+        else:
+            index[container_key][i][key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda index: index.update(jobs={"0": {}}), "no jobs list"),
+    (_set("jobs", 0, None, "s0_c0_s0.png"), "job 0 is not an object"),
+    (_set("jobs", 2, "output", KeyError), "job 2 lacks 'output'"),
+    (_set("jobs", 0, "output", 5), "job 0: output must be a file name"),
+    (_set("jobs", 0, "output", ""), "job 0: output must be a file name"),
+    (_set("jobs", 0, "content", None), "job 0: content must be a file name"),
+    (_set("jobs", 0, "status", ["done"]), "job 0: status must be"),
+    (_set("jobs", 0, "setting", "0"), "job 0: setting must be an index into settings"),
+    (_set("jobs", 0, "setting", True), "job 0: setting must be an index into settings"),
+    (_set("jobs", 0, "setting", 7), "job 0: setting must be an index into settings"),
+    (_set("settings", 1, None, "ffa.beta=0.4"), "setting 1 is not an object"),
+    (_set("settings", 1, "overrides", "ffa.beta=0.4"), "setting 1: overrides must be an object"),
+    (_set("settings", 1, "label", 0.4), "setting 1: label must be a string"),
+])
+def test_evaluate_cli_damaged_index(tmp_path, models, capsys, edit, problem):
+    """A hand-edited or damaged index.json: one line naming it and the problem, exit status 2, nothing written."""
+    run = make_run(tmp_path / "run")
+    index = json.loads((run / "index.json").read_text())
+    edit(index)
+    (run / "index.json").write_text(json.dumps(index))
+    assert evaluate_cli.main([str(run), "--quiet", "--metrics", "clip", *models]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(run / "index.json") in err, err
+    assert problem in err, err
+    assert not (run / "eval").exists()
