@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -33,9 +34,11 @@ class FeatureCache:
         if path.is_file():
             try:
                 with np.load(path) as data:
-                    self.items = dict(zip(data["keys"].tolist(), data["values"]))
-            except (OSError, ValueError, KeyError):
-                self.items = {}  # a damaged cache is rebuilt
+                    keys, values = data["keys"], data["values"]
+                    if keys.ndim == 1 and values.ndim >= 2 and len(keys) == len(values):
+                        self.items = dict(zip(keys.tolist(), values))
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                pass  # a damaged cache (empty, cut short, not ours) is rebuilt
 
     def save(self) -> None:
         if not self.items:

@@ -323,3 +323,17 @@ def test_evaluate_cli_damaged_index(tmp_path, models, capsys, edit, problem):
     assert err.startswith("error: ") and err.count("\n") == 1 and str(run / "index.json") in err, err
     assert problem in err, err
     assert not (run / "eval").exists()
+
+
+@pytest.mark.parametrize("cache", [b"", b"PK\x03\x04 cut short", b"not a zip at all"])
+def test_evaluate_rebuilds_a_damaged_feature_cache(tmp_path, models, capsys, cache):
+    """RUN_DIR/eval/cache/*.npz is a convenience: an empty, truncated or foreign file there is embedded again."""
+    from metrics import load_eval_config
+
+    run = make_run(tmp_path / "run")
+    path = run / "eval" / "cache" / features_module.cache_name("clip", load_eval_config(dotlist=models))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(cache)
+    assert evaluate_cli.main([str(run), "--quiet", "--metrics", "clip", *models]) == 0, capsys.readouterr().err
+    with np.load(path) as data:
+        assert len(data["keys"]) == len(data["values"]) == 11  # distinct images (make_run repeats some pixels)
