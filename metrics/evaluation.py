@@ -152,7 +152,11 @@ def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[
             if not path.is_file():
                 raise EvalError(f"{key} image {path} of the run is missing; evaluate needs every image of the run")
             if str(path) not in digest:
-                digest[str(path)] = hash_file(path)
+                try:
+                    digest[str(path)] = hash_file(path)
+                except OSError as e:
+                    raise EvalError(f"cannot read {key} image {path} ({e.strerror or e}); evaluate needs to read every "
+                                    "image of the run") from None
                 files[digest[str(path)]] = path
     image = {(id(j), key): digest[str(run_dir / j[key] if key == "output" else Path(j[key]))]
              for j in jobs for key in ("content", "style", "output")}

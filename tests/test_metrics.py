@@ -337,3 +337,27 @@ def test_evaluate_rebuilds_a_damaged_feature_cache(tmp_path, models, capsys, cac
     assert evaluate_cli.main([str(run), "--quiet", "--metrics", "clip", *models]) == 0, capsys.readouterr().err
     with np.load(path) as data:
         assert len(data["keys"]) == len(data["values"]) == 11  # distinct images (make_run repeats some pixels)
+
+
+def test_evaluate_cli_unreadable_or_damaged_image(tmp_path, models, capsys, monkeypatch):
+    import metrics.evaluation
+
+    run = make_run(tmp_path / "run")
+    real = metrics.evaluation.hash_file
+
+    def hash_file(path):
+        if path.name == "s1_c0_s0.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(metrics.evaluation, "hash_file", hash_file)  # (chmod cannot stop root, who runs CI)
+    assert evaluate_cli.main([str(run), "--quiet", "--metrics", "clip", *models]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(run / "s1_c0_s0.png") in err and "Permission denied" in err, err
+    monkeypatch.undo()
+    (run / "s1_c0_s0.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    assert evaluate_cli.main([str(run), "--quiet", "--metrics", "clip", *models]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(run / "s1_c0_s0.png") in err, err
+    assert not (run / "eval" / "metrics.md").exists()
+
