@@ -145,6 +145,9 @@ def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[
 
     # "skipped": a resumed run found the output made with the job's configuration (the run checks it), so it counts
     jobs = [j for j in index["jobs"] if j["status"] in ("done", "skipped") and (run_dir / j["output"]).is_file()]
+    if not jobs:
+        raise EvalError(f"{run_dir / 'index.json'}: none of its {len(index['jobs'])} jobs has an output to evaluate "
+                        "(status done or skipped, its file in the run folder); run or resume the sweep first")
     digest, files = {}, {}  # path -> digest, digest -> path
     for job in jobs:
         for key in ("content", "style", "output"):

@@ -361,3 +361,13 @@ def test_evaluate_cli_unreadable_or_damaged_image(tmp_path, models, capsys, monk
     assert err.count("\n") == 1 and str(run / "s1_c0_s0.png") in err, err
     assert not (run / "eval" / "metrics.md").exists()
 
+
+def test_evaluate_cli_run_without_outputs(tmp_path, models, capsys):
+    """Nothing to score (every job failed, or no output file is there): one line, not a table of dashes."""
+    run = make_run(tmp_path / "run")
+    for output in run.glob("s*.png"):
+        output.unlink()
+    assert evaluate_cli.main([str(run), "--quiet", *models]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(run / "index.json") in err and "none of its 13 jobs" in err, err
+    assert not (run / "eval").exists()
