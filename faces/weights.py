@@ -55,6 +55,8 @@ def require_file(path: str | Path | None, name: str, config: DictConfig | None =
     if given is None:
         raise FaceModelError(f"no file is configured for the {name} model; set models.{name}.file "
                              f"(get it from {entry.source})")
+    if not isinstance(given, (str, Path)) or not str(given):
+        raise FaceModelError(f"{name} model file {given!r} is not a file path; check {setting}")
     if str(given).startswith("hf:"):
         from magicstyle.hub import resolve_model_file  # here: magicstyle's pipeline imports faces
 

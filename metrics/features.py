@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from faces import SCRFD, ArcFace, norm_crop, require_file
-from faces.weights import loading
+from faces.weights import eval_defaults, loading
+from magicstyle.config import ConfigError
 from magicstyle.images import open_rgb
 from magicstyle.output import write_atomic
 
@@ -115,13 +116,30 @@ def inception_embedder(path: Path, device: torch.device, name: str = "fid_incept
     return embed
 
 
-def model_files(kind: str, cfg: DictConfig) -> list[Path]:
-    """The checked model files of a feature kind (missing file: one-line ``FaceModelError``)."""
-    m = cfg.models
+def check_name(kind: str, cfg: DictConfig) -> None:
+    """``models.clip.name`` / ``models.dino.name``: a model that open_clip / timm knows (one-line ``ConfigError``)."""
+    name = cfg.models[kind].name
     if kind == "clip":
-        return [require_file(None, "clip", cfg)]
-    if kind == "dino":
-        return [require_file(None, "dino", cfg)]
+        import open_clip as library
+
+        known = isinstance(name, str) and (name in library.list_models() or name.startswith(("hf-hub:", "local-dir:")))
+    else:
+        import timm as library
+
+        known = isinstance(name, str) and library.is_model(name)
+    if not known:
+        default = eval_defaults().models[kind].name
+        raise ConfigError(f"models.{kind}.name {name!r} is not a model {library.__name__} knows (see "
+                          f"{library.__name__}.list_models()); configs/eval.yaml has {default}")
+
+
+def model_files(kind: str, cfg: DictConfig) -> list[Path]:
+    """The checked model files of a feature kind (missing file: one-line ``FaceModelError``), and for CLIP and DINO
+    the model's name."""
+    m = cfg.models
+    if kind in ("clip", "dino"):
+        check_name(kind, cfg)
+        return [require_file(None, kind, cfg)]
     if kind == "face":
         return [require_file(None, "scrfd", cfg), require_file(None, "arcface", cfg)]
     if kind == "inception":

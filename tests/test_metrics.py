@@ -371,3 +371,20 @@ def test_evaluate_cli_run_without_outputs(tmp_path, models, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(run / "index.json") in err and "none of its 13 jobs" in err, err
     assert not (run / "eval").exists()
+
+
+@pytest.mark.parametrize("override, metric, words", [
+    ("models.fid_inception.file=5", "fid", ["models.fid_inception.file", "not a file path"]),
+    ("models.scrfd.file=[a,b]", "face", ["models.scrfd.file", "not a file path"]),
+    ("models.clip.name=ViT-Q-99", "clip", ["models.clip.name 'ViT-Q-99'", "open_clip knows"]),
+    ("models.dino.name=5", "dino", ["models.dino.name 5", "timm knows"]),
+    ("models.dino.name=vit_nope_patch16", "dino", ["models.dino.name 'vit_nope_patch16'", "timm knows"]),
+])
+def test_evaluate_cli_bad_model_setting(tmp_path, models, capsys, override, metric, words):
+    """A model entry's file that is no path, or a name the library does not know: one line, before any work."""
+    run = make_run(tmp_path / "run")
+    key = override.split("=")[0]
+    assert evaluate_cli.main([str(run), "--quiet", "--metrics", metric,
+                              *[o for o in models if not o.startswith(key + "=")], override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and all(w in err for w in words), err
