@@ -50,9 +50,9 @@ def letterbox(img: Image.Image, size: int = INPUT_SIZE) -> tuple[np.ndarray, flo
     """RGB image -> ((1, 3, size, size) float32 network input, scale s of the image in it)."""
     w, h = img.size
     if h / w > 1.0:  # taller than the square input: the height fills it
-        new_h, new_w = size, int(size / (h / w))
+        new_h, new_w = size, max(int(size / (h / w)), 1)  # a sliver keeps one column (PIL cannot resize to 0)
     else:
-        new_w, new_h = size, int(size * (h / w))
+        new_w, new_h = size, max(int(size * (h / w)), 1)
     canvas = np.zeros((size, size, 3), np.float32)
     canvas[:new_h, :new_w] = np.asarray(img.convert("RGB").resize((new_w, new_h), Image.Resampling.BILINEAR))
     blob = ((canvas - MEAN) / STD).transpose(2, 0, 1)[None]

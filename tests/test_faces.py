@@ -94,6 +94,15 @@ def test_scrfd_and_arcface_onnx_loading(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, rtol=1e-5)
 
 
+def test_letterbox_of_a_sliver():
+    """An image far wider (or taller) than 640:1 still has a row (column) of pixels in the detector's input."""
+    from faces.scrfd import letterbox
+
+    for size in ((2000, 1), (1, 2000), (640, 640)):
+        blob, scale = letterbox(Image.new("RGB", size, (255, 255, 255)))
+        assert blob.shape == (1, 3, 640, 640) and scale > 0 and blob[0, :, 0, 0].max() > 0
+
+
 def test_missing_or_wrong_face_models(tmp_path):
     with pytest.raises(FaceModelError, match="buffalo_l.zip") as e:
         SCRFD(tmp_path / "det_10g.onnx")
