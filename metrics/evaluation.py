@@ -50,6 +50,13 @@ def load_eval_config(path: str | Path | None = None, dotlist: list[str] = ()) ->
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:
             raise ConfigError(f"configuration: {first_line(e)} (see configs/eval.yaml for the keys)") from None
+    if not isinstance(cfg.get("models"), DictConfig):
+        raise ConfigError(f"models must be a mapping of model entries, as in configs/eval.yaml, not "
+                          f"{cfg.get('models')!r}")
+    for name, entry in cfg.models.items():
+        if not isinstance(entry, DictConfig):
+            raise ConfigError(f"models.{name} must be a mapping (file, source, sha256), as in configs/eval.yaml, "
+                              f"not {entry!r}")
     metrics = cfg.metrics
     if not isinstance(metrics, ListConfig) or not metrics or any(m not in METRICS for m in metrics):
         raise ConfigError(f"metrics must be a non-empty list of {', '.join(METRICS)}, not {metrics!r}")
@@ -63,7 +70,11 @@ def load_eval_config(path: str | Path | None = None, dotlist: list[str] = ()) ->
 def _eval_yaml(path: Path) -> DictConfig:
     """A user's eval YAML; its relative ``models.*.file`` paths are relative to its folder (as in run configs)."""
     cfg = _load_yaml(path)
-    for entry in (cfg.get("models") or {}).values():
+    models = cfg.get("models")
+    if models is not None and not isinstance(models, DictConfig):
+        raise ConfigError(f"models in {path} must be a mapping of model entries, as in configs/eval.yaml, not "
+                          f"{models!r}")
+    for entry in (models or {}).values():
         value = entry.get("file") if isinstance(entry, DictConfig) else None
         if isinstance(value, str) and not value.startswith("hf:") and not Path(value).expanduser().is_absolute():
             entry.file = str(path.resolve().parent / value)

@@ -270,7 +270,8 @@ def damaged(kind: str, folder, models: list[str]):
 
 @pytest.mark.parametrize("entry, metric, kind", [
     ("fid_inception", "fid", "truncated"), ("fid_inception", "fid", "garbage"), ("fid_inception", "fid", "empty"),
-    ("fid_inception", "fid", "tensor"), ("lpips_alexnet", "styleid", "truncated"), ("lpips_linear", "styleid", "tensor"),
+    ("fid_inception", "fid", "tensor"), ("lpips_alexnet", "styleid", "truncated"),
+    ("lpips_linear", "styleid", "tensor"),
     ("lpips_linear", "styleid", "inception"), ("scrfd", "face", "garbage"), ("arcface", "face", "empty"),
     ("clip", "clip", "truncated"), ("clip", "clip", "inception"), ("dino", "dino", "garbage"),
     ("dino", "dino", "clip"), ("dino", "dino", "inception"),
@@ -388,3 +389,20 @@ def test_evaluate_cli_bad_model_setting(tmp_path, models, capsys, override, metr
                               *[o for o in models if not o.startswith(key + "=")], override]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and all(w in err for w in words), err
+
+
+@pytest.mark.parametrize("yaml, dotlist", [
+    ("models: [1, 2]\n", []), ("models: 5\n", []), ("models:\n  clip: 5\n", []), (None, ["models.dino=5"]),
+    (None, ["models=5"]),
+])
+def test_evaluate_cli_models_that_are_no_mapping(tmp_path, capsys, yaml, dotlist):
+    """configs/eval.yaml's ``models`` and its entries are mappings; a user's YAML or override that replaces one with
+    a list or a number is one line (the configuration is checked before anything is read)."""
+    run = make_run(tmp_path / "run")
+    config = []
+    if yaml:
+        (tmp_path / "eval.yaml").write_text(yaml)
+        config = ["--config", str(tmp_path / "eval.yaml")]
+    assert evaluate_cli.main([str(run), "--quiet", *config, *dotlist]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "must be a mapping" in err, err
