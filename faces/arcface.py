@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .align import ARCFACE_SIZE
-from .weights import FaceModelError, loading, require_file
+from .weights import FaceModelError, onnx_session, require_file
 
 MEAN, STD = 127.5, 127.5
 
@@ -19,16 +19,12 @@ class ArcFace:
     """``arcface(crops (N, 112, 112, 3) uint8) -> (N, 512)`` unit vectors."""
 
     def __init__(self, path: str | Path):
-        import onnxruntime
-
         path = require_file(path, "arcface")
-        with loading(path, "arcface"):
-            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1 or list(inputs[0].shape[1:]) != [3, ARCFACE_SIZE, ARCFACE_SIZE]:
-            raise FaceModelError(f"{path} does not take (N, 3, 112, 112) face crops; use w600k_r50.onnx of "
-                                 "insightface's buffalo_l")
-        self.input = inputs[0].name
+        self.session = onnx_session(path, "arcface", (3, ARCFACE_SIZE, ARCFACE_SIZE), "(N, 3, 112, 112) face crops")
+        self.input = self.session.get_inputs()[0].name
+        if len(self.session.get_outputs()) != 1:  # SCRFD's dynamic input would pass the check above; its 9 outputs not
+            raise FaceModelError(f"{path} has {len(self.session.get_outputs())} outputs, not ArcFace's one embedding; "
+                                 "use w600k_r50.onnx of insightface's buffalo_l")
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
         blob = ((crops.astype(np.float32) - MEAN) / STD).transpose(0, 3, 1, 2)

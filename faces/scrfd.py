@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .weights import FaceModelError, loading, require_file
+from .weights import FaceModelError, onnx_session, require_file
 
 INPUT_SIZE = 640
 MEAN, STD = 127.5, 128.0
@@ -120,11 +120,9 @@ class SCRFD:
     def __init__(self, path: str | Path, *, threshold: float = SCORE_THRESHOLD, iou: float = NMS_IOU,
                  setting: str | None = None):
         """``setting``: the config key that gave ``path``, for the messages (default ``models.scrfd.file``)."""
-        import onnxruntime
-
         path = require_file(path, "scrfd", setting=setting)
-        with loading(path, "scrfd", setting=setting):
-            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.session = onnx_session(path, "scrfd", (3, INPUT_SIZE, INPUT_SIZE), "(1, 3, 640, 640) images",
+                                    setting=setting)
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
         if len(self.outputs) != 9:

@@ -114,3 +114,21 @@ def read_state_dict(path: str | Path, name: str, config: DictConfig | None = Non
         raise FaceModelError(f"{name} model file {path} holds no state dict (a dict of tensors); get "
                              f"{entry.source} again, or check {_setting(name, entry)}")
     return state
+
+
+def onnx_session(path: Path, name: str, input_shape: tuple[int, int, int], takes: str, *,
+                 setting: str | None = None):
+    """An onnxruntime CPU session for a face model file, checked: one float input (N, C, H, W) whose fixed sizes
+    are ``input_shape`` (C, H, W) (a symbolic size takes any).  ``takes``: that input in words, for the message."""
+    import onnxruntime
+
+    with loading(path, name, setting=setting):
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = session.get_inputs()
+    shape = inputs[0].shape if len(inputs) == 1 else []
+    if (len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(shape) != 4
+            or any(isinstance(have, int) and have != want for have, want in zip(shape[1:], input_shape))):
+        entry = model_entry(name)
+        raise FaceModelError(f"{path} does not take {takes} (its input: {', '.join(str(i.shape) for i in inputs)}); "
+                             f"use {entry.source}, and check {setting or _setting(name, entry)}")
+    return session

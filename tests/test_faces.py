@@ -111,6 +111,34 @@ def test_missing_or_wrong_face_models(tmp_path):
         ArcFace(scrfd_onnx(tmp_path / "det_10g.onnx"))
 
 
+def test_scrfd_of_another_input_size_fails_when_loaded(tmp_path):
+    """A detector exported for 320 x 320 (SCRFD's 9 outputs, another input): one line when made, not a traceback
+    from onnxruntime at the first image."""
+    from _eval_models import SCRFD_OUTPUTS, TinySCRFD, export
+
+    path = export(TinySCRFD(), torch.zeros(1, 3, 320, 320), tmp_path / "det_320.onnx", SCRFD_OUTPUTS, batch=False)
+    with pytest.raises(FaceModelError, match="does not take") as e:
+        SCRFD(path)
+    assert "det_10g.onnx" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_arcface_rejects_a_model_of_any_input_size_with_other_outputs(tmp_path):
+    """insightface's det_10g.onnx takes any image size, so it passes ArcFace's input check: its outputs do not."""
+    import warnings
+
+    class TwoOutputs(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)), x.amax((2, 3))
+
+    path = tmp_path / "any_size.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TwoOutputs(), (torch.zeros(1, 3, 64, 64),), str(path), input_names=["x"],
+                          dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}}, dynamo=False)
+    with pytest.raises(FaceModelError, match="2 outputs, not ArcFace's one"):
+        ArcFace(path)
+
+
 def test_model_file_hash_is_the_projects_file_hash(tmp_path, monkeypatch):
     """require_file checks the SHA-256 with magicstyle/filehash (one file hash, remembered per file), not its own."""
     import hashlib
