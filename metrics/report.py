@@ -38,11 +38,13 @@ def csv_text(rows: list[dict], columns: list[str]) -> str:
 
 
 def sweep_lines(settings: list[dict]) -> list[list[int]]:
-    """Groups of settings that differ only in ffa.beta (and ffa.alpha), each sorted by beta: the beta sweeps."""
+    """Groups of settings that differ only in ffa.beta (and ffa.alpha), each sorted by beta: the beta sweeps.  Only
+    settings whose beta is a number take part (a hand-edited index may hold anything there)."""
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(settings):
         overrides = s.get("overrides") or {}
-        if "ffa.beta" in overrides:
+        beta = overrides.get("ffa.beta")
+        if isinstance(beta, (int, float)) and not isinstance(beta, bool):
             rest = {k: v for k, v in overrides.items() if k not in ("ffa.beta", "ffa.alpha")}
             groups.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(i)
     return [sorted(g, key=lambda i: settings[i]["overrides"]["ffa.beta"]) for g in groups.values() if len(g) > 1]

@@ -406,3 +406,17 @@ def test_evaluate_cli_models_that_are_no_mapping(tmp_path, capsys, yaml, dotlist
     assert evaluate_cli.main([str(run), "--quiet", *config, *dotlist]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "must be a mapping" in err, err
+
+
+def test_evaluate_cli_betas_of_other_types(tmp_path, models, capsys):
+    """A hand-edited index whose ffa.beta values are not all numbers: those settings are no point of a beta sweep
+    line in the plot (sorting them with the numbers was a TypeError)."""
+    run = make_run(tmp_path / "run")
+    index = json.loads((run / "index.json").read_text())
+    index["settings"][1]["overrides"]["ffa.beta"] = "0.4"
+    (run / "index.json").write_text(json.dumps(index))
+    assert evaluate_cli.main([str(run), "--quiet", "--metrics", "clip", *models]) == 0, capsys.readouterr().err
+    assert (run / "eval" / "scatter.png").is_file()
+    settings = [{"overrides": {"ffa.beta": b}} for b in (0.4, "0.3", None, 0.2, True)]
+    assert sweep_lines(settings) == [[3, 0]]
+
