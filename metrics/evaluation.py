@@ -229,6 +229,8 @@ def run_evaluation(run_dir: str | Path, *, config: str | None = None, dotlist: l
 
     cfg = load_eval_config(config, dotlist)
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise EvalError(f"{run_dir} is a file; give the run folder (the one that holds index.json)")
     if not run_dir.is_dir():
         raise EvalError(f"run folder {run_dir} does not exist")
     out = Path(out) if out is not None else run_dir / "eval"

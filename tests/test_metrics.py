@@ -420,3 +420,9 @@ def test_evaluate_cli_betas_of_other_types(tmp_path, models, capsys):
     settings = [{"overrides": {"ffa.beta": b}} for b in (0.4, "0.3", None, 0.2, True)]
     assert sweep_lines(settings) == [[3, 0]]
 
+
+def test_evaluate_cli_given_the_index_file(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    assert evaluate_cli.main([str(run / "index.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file" in err and "run folder" in err, err
