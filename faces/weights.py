@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from models.errors import MagicStyleError
+from models.errors import MagicStyleError, first_line
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_CONFIG = ("configs", "eval.yaml")  # (package, resource), shipped as package data like configs/magicstyle.yaml
@@ -91,10 +91,8 @@ def loading(path: str | Path, name: str, config: DictConfig | None = None, *, se
     except (MagicStyleError, MemoryError):
         raise
     except Exception as e:
-        from magicstyle.config import _first_line  # here: magicstyle's pipeline imports faces
-
         entry = model_entry(name, config)
-        detail = f"{type(e).__name__}: {_first_line(e)}"
+        detail = first_line(e, typed=True)
         detail = detail if len(detail) <= 160 else detail[:157] + "..."
         raise FaceModelError(f"{name} model file {path} cannot be loaded ({detail}); if it is damaged, delete it and "
                              f"get {entry.source} again; if it is another model's, check "
