@@ -6,7 +6,8 @@ forwards run in alternating rounds (best of ``best_of`` each per round) and the 
 ``diffusers``: diffusers' ``UNet2DConditionModel`` (SD1.5 configuration, its default SDPA attention) on the very
 weight tensors of our UNet.  diffusers is a benchmark-only package, not a dependency of the project
 (``pip install diffusers``).  ``prepack``: our UNet with prepacked convolutions on and off, to check what
-``model.prepack: auto`` chose (``models/cpu_tuning.py``).
+``model.prepack: auto`` chose (``models/cpu_tuning.py``).  Our UNet computes in the dtype ``model.cpu_compute``
+chose (``--cpu-compute``); the row says so where that is not its weights' dtype.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def twin(unet: UNet) -> UNet:
     with torch.device("meta"):
         other = UNet(SD15Config())
     other.load_state_dict(unet.state_dict(), strict=True, assign=True)
+    other.compute_dtype = unet.compute_dtype
     return other.eval().requires_grad_(False)
 
 
@@ -81,6 +83,8 @@ def against_section(unet: UNet, dtype: torch.dtype, choice: CPUChoice, *, agains
     t = torch.linspace(999, 1, batch).long()
     context = torch.randn(batch, 77, 768, generator=g, dtype=dtype)
     name = str(dtype).removeprefix("torch.")
+    if choice.compute not in (None, dtype):  # model.cpu_compute: bfloat16 weights, float32 arithmetic
+        name += f" (computes in {str(choice.compute).removeprefix('torch.')})"
     if against == "diffusers":
         other = diffusers_unet(unet)
         set_prepack(unet, choice.prepack)

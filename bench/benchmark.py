@@ -33,7 +33,7 @@ from magicstyle.config import DTYPES  # noqa: E402
 from attention.core import set_cpu_attention  # noqa: E402
 from models.config import SD15Config  # noqa: E402
 from models.layers import set_prepack  # noqa: E402
-from models.cpu_tuning import cpu_info, tune  # noqa: E402
+from models.cpu_tuning import cpu_info, fast_paths  # noqa: E402
 from models.loader import UNET_PREFIX, SafetensorsFile, component_keys, load_component  # noqa: E402
 from models.unet import UNet  # noqa: E402
 
@@ -68,18 +68,21 @@ def time_unet(unet: UNet, batch: int, latent: int, dtype: torch.dtype, *, warmup
     return {"first": seconds[0], "median": statistics.median(timed), "min": min(timed), "peak_rss": peak_rss_gib()}
 
 
-def tuned(unet: UNet, dtype: torch.dtype):
-    """Apply what ``model.prepack: auto`` and the attention choice pick on this CPU (``models/cpu_tuning.py``)."""
-    choice = tune(dtype)
+def tuned(unet: UNet, dtype: torch.dtype, compute: str = "auto"):
+    """Apply what ``model.prepack``, ``model.attention`` and ``model.cpu_compute`` (``compute``) pick on this CPU with
+    ``auto`` (``models/cpu_tuning.py``)."""
+    choice = fast_paths("auto", "auto", dtype, "cpu", compute=compute)
     set_prepack(unet, choice.prepack)
     set_cpu_attention(choice.attention)
-    print(f"{dtype}: prepack {'on' if choice.prepack else 'off'}, attention {choice.attention} ({choice.source})",
-          file=sys.stderr, flush=True)
+    unet.compute_dtype = choice.compute
+    runs_in = str(choice.compute or dtype).removeprefix("torch.")
+    print(f"{dtype}: prepack {'on' if choice.prepack else 'off'}, attention {choice.attention}, computes in {runs_in} "
+          f"({choice.source})", file=sys.stderr, flush=True)
     return choice
 
 
 def against_section(weights: Path | None, against: str, *, dtypes, batches, latent: int, rounds: int,
-                    best_of: int) -> list[str]:
+                    best_of: int, compute: str = "auto") -> list[str]:
     from against import against_section as row, header
 
     rows = [f"UNet forward against {against}, {latent}x{latent} latent, "
@@ -87,7 +90,7 @@ def against_section(weights: Path | None, against: str, *, dtypes, batches, late
             f"best of {best_of} per round", ""] + header(against)
     for name in dtypes:
         unet = checkpoint_unet(weights, DTYPES[name]) if weights else random_unet(DTYPES[name])
-        choice = tuned(unet, DTYPES[name])
+        choice = tuned(unet, DTYPES[name], compute)
         for batch in batches:
             rows += row(unet, DTYPES[name], choice, against=against, batch=batch, latent=latent, rounds=rounds,
                         best_of=best_of)
@@ -96,7 +99,8 @@ def against_section(weights: Path | None, against: str, *, dtypes, batches, late
     return rows
 
 
-def unet_section(weights: Path | None, *, dtypes, batches, latent: int, warmup: int, runs: int) -> list[str]:
+def unet_section(weights: Path | None, *, dtypes, batches, latent: int, warmup: int, runs: int,
+                 compute: str = "auto") -> list[str]:
     rows = [
         f"UNet forward, {latent}x{latent} latent ({8 * latent}px), context (B, 77, 768), "
         f"{'weights ' + str(weights) if weights else 'random weights'}, {warmup} warm-up + {runs} timed runs",
@@ -106,7 +110,7 @@ def unet_section(weights: Path | None, *, dtypes, batches, latent: int, warmup: 
     ]
     for name in dtypes:
         unet = checkpoint_unet(weights, DTYPES[name]) if weights else random_unet(DTYPES[name])
-        tuned(unet, DTYPES[name])
+        tuned(unet, DTYPES[name], compute)
         for batch in batches:
             r = time_unet(unet, batch, latent, DTYPES[name], warmup=warmup, runs=runs)
             rows.append(
@@ -179,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", nargs="+", type=int, help="UNet batch sizes (default 1 2 4; with --against: 2)")
     parser.add_argument("--against", choices=["diffusers", "prepack"],
                         help="--unet: alternate our UNet with diffusers' (a benchmark-only package), or prepack on/off")
+    parser.add_argument("--cpu-compute", default="auto", choices=["auto", "native", "float32"],
+                        help="--unet: model.cpu_compute for bfloat16 (default auto: what this CPU's tuning chose)")
     parser.add_argument("--rounds", type=int, default=6, help="--against: alternated rounds")
     parser.add_argument("--best-of", type=int, default=2, help="--against: forwards per model per round")
     parser.add_argument("--latent", type=int, default=64, help="latent side (64 = 512px images)")
@@ -205,11 +211,12 @@ def main(argv: list[str] | None = None) -> None:
           "threads\n")
     if args.unet and args.against:
         rows = against_section(args.weights, args.against, dtypes=args.dtypes, batches=args.batches or [2],
-                               latent=args.latent, rounds=args.rounds, best_of=args.best_of)
+                               latent=args.latent, rounds=args.rounds, best_of=args.best_of,
+                               compute=args.cpu_compute)
         print("\n".join(rows) + "\n", flush=True)
     elif args.unet:
         rows = unet_section(args.weights, dtypes=args.dtypes, batches=args.batches or [1, 2, 4], latent=args.latent,
-                            warmup=args.warmup, runs=args.runs)
+                            warmup=args.warmup, runs=args.runs, compute=args.cpu_compute)
         print("\n".join(rows) + "\n", flush=True)
     if args.pipeline or args.store or args.batch:
         with tempfile.TemporaryDirectory() as folder:

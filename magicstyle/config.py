@@ -141,6 +141,7 @@ def validate(cfg: DictConfig) -> None:
     prepack = cfg.model.prepack
     check(isinstance(prepack, bool) or prepack == "auto", f"model.prepack must be auto, true or false, not {prepack!r}")
     choice("model.attention", ("auto", *ATTENTION_KERNELS))
+    choice("model.cpu_compute", ("auto", "native", "float32"))
     for key in ("ffa.adain_values", "ffa.adain_latents", "inversion.sample_posterior",
                 "batch.cache_features"):
         check(isinstance(OmegaConf.select(cfg, key), bool), f"{key} must be true or false")

@@ -120,8 +120,9 @@ def inversion_key(cfg: DictConfig) -> str:
     """A stable digest (20 hex digits) of every config value that changes CSDI's result for a given image file.
 
     The checkpoint, VAE and hyper-parameter files count by name and size (not by path, so that machines sharing a
-    cache folder agree, and not by hash, which would read gigabytes); the device and ``model.prepack`` do not count
-    (they change rounding, not the method).  Add the image's own content hash to key a single image.
+    cache folder agree, and not by hash, which would read gigabytes); the device and the CPU paths (``model.prepack``,
+    ``attention``, ``cpu_compute``) do not count (they change rounding, not the method).  Add the image's own content
+    hash to key a single image.
     """
     values: dict[str, Any] = {"format": "magicstyle-inversion/1"}
     keys = _INVERSION_KEYS + (_MEMORY_KEYS if cfg.store.mode == "memory" else ())

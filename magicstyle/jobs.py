@@ -223,11 +223,12 @@ def make_jobs(contents: list[Source], styles: list[Source], settings: list[Setti
 
 
 # The config keys (and sections) that do not change a job's image, which resume does not compare: where and how the
-# same arithmetic runs (device, torch.compile, the CPU kernels, the store's memory/recompute trade, pairs per batch,
-# the inversion cache), where model files are looked up (the weights are compared by name), and the diagnostics
-# written beside the PNG.  model.dtype, model.vae_dtype and store.dtype change the numbers and are compared.
+# same arithmetic runs (device, torch.compile, the CPU kernels and whether a bfloat16 model computes in float32 there:
+# like the device, they change rounding, not the method; the store's memory/recompute trade, pairs per batch, the
+# inversion cache), where model files are looked up (the weights are compared by name), and the diagnostics written
+# beside the PNG.  model.dtype, model.vae_dtype and store.dtype change the numbers and are compared.
 UNCOMPARED = ("batch", "diagnostics", "model.device", "model.compile", "model.prepack", "model.attention",
-              "model.local_dir", "store.mode")
+              "model.cpu_compute", "model.local_dir", "store.mode")
 
 
 def compared(key: str) -> bool:

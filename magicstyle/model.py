@@ -58,9 +58,10 @@ def load_model(cfg: DictConfig) -> SD15:
         vae=files.get("model.vae"),
         hparams=Path(cfg.model.hparams).expanduser() if cfg.model.hparams else None,
     )
-    # model.prepack / model.attention: auto is timed once per CPU model and dtype and cached (models/cpu_tuning.py)
-    paths = fast_paths(cfg.model.prepack, cfg.model.attention, dtype, device)
-    vae_paths = paths if vae_dtype == dtype else fast_paths(cfg.model.prepack, cfg.model.attention, vae_dtype, device)
+    # model.prepack / attention / cpu_compute: auto is timed once per CPU model and dtype, cached (models/cpu_tuning.py)
+    paths, vae_paths = (fast_paths(cfg.model.prepack, cfg.model.attention, d, device, compute=cfg.model.cpu_compute)
+                        for d in (dtype, vae_dtype))
+    sd.unet.compute_dtype, sd.vae.compute_dtype = paths.compute, vae_paths.compute
     set_prepack(sd.unet, paths.prepack)
     set_prepack(sd.vae, vae_paths.prepack)
     set_cpu_attention(paths.attention)

@@ -66,12 +66,13 @@ def private_cache_folder(tmp_path_factory):
     # model.compile: auto stays eager on a GPU too: compiling the tiny UNet in every test (and every CLI subprocess)
     # would take minutes; tests/test_gpu_fastpath.py compiles on purpose
     os.environ["MAGICSTYLE_COMPILE_AUTO"] = "0"
-    # model.prepack / model.attention: auto would time convolutions once per CPU (models/cpu_tuning.py): the cache
-    # holds this CPU's answer instead (prepack on, SDPA); the decision logic is tested with fake timings
+    # model.prepack / attention / cpu_compute: auto would time convolutions once per CPU (models/cpu_tuning.py): the
+    # cache holds this CPU's answer instead (prepack on, SDPA, native dtype); the decision logic has fake timings
     from models.cpu_tuning import cache_file, cache_key, cpu_info, write_cache
 
-    write_cache(cache_file(), {cache_key(cpu_info(), dtype): {"prepack": True, "attention": "sdpa"}
-                               for dtype in (torch.float32, torch.bfloat16)})
+    answer = {"prepack": True, "attention": "sdpa"}
+    write_cache(cache_file(), {cache_key(cpu_info(), dtype): {**answer, "compute": name}
+                               for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16"))})
     yield
     for key, value in before.items():
         if value is None:

@@ -14,27 +14,32 @@ XEON_AMX = CPUInfo("Intel(R) Xeon(R) Platinum 8480+ (family 6, model 143)", amx=
 EPYC = CPUInfo("AMD EPYC 9R14 (family 25, model 17)", amx=False, avx512_bf16=True)
 
 
-def timings(prepacked=1.0, plain=1.0, sdpa=1.0, chunked=2.0):
-    return {"conv": {"prepacked": prepacked, "plain": plain}, "attention": {"sdpa": sdpa, "chunked": chunked}}
+def timings(prepacked=1.0, plain=1.0, sdpa=1.0, chunked=2.0, linear=None):
+    t = {"conv": {"prepacked": prepacked, "plain": plain}, "attention": {"sdpa": sdpa, "chunked": chunked}}
+    return {**t, "linear": {"prepacked": linear[0], "plain": linear[1]}} if linear else t
 
 
 class FakeMeasure:
-    """Stands in for the micro-benchmark: returns fixed timings (or raises) and counts its calls."""
+    """Stands in for the micro-benchmark: returns fixed timings (or raises; or per dtype: ``per_dtype``) and counts
+    its calls."""
 
-    def __init__(self, result=None, error=None):
-        self.result, self.error, self.calls = result or timings(), error, []
+    def __init__(self, result=None, error=None, per_dtype=None):
+        self.result, self.error, self.per_dtype, self.calls = result or timings(), error, per_dtype or {}, []
 
     def __call__(self, dtype):
         self.calls.append(dtype)
         if self.error:
             raise self.error
-        return self.result
+        return self.per_dtype.get(dtype, self.result)
 
 
 def test_choose_prepacks_only_when_it_saves_the_margin():
     assert ct.choose(timings(prepacked=0.90, plain=1.0)).prepack
     assert not ct.choose(timings(prepacked=0.99, plain=1.0)).prepack  # within the 3% margin: save the memory
     assert not ct.choose(timings(prepacked=1.10, plain=1.0)).prepack  # the AMD EPYC case of issue 14
+    # the linear maps count with the convolutions: one switch, decided on their total
+    assert ct.choose(timings(prepacked=1.01, plain=1.0, linear=(0.5, 1.0))).prepack
+    assert not ct.choose(timings(prepacked=0.95, plain=1.0, linear=(1.5, 1.0))).prepack
 
 
 def test_choose_leaves_sdpa_only_for_a_clearly_faster_kernel():
@@ -47,12 +52,26 @@ def test_tune_measures_once_then_reads_the_cache(tmp_path):
     path = tmp_path / "magicstyle" / "cpu_tuning.json"
     measure = FakeMeasure(timings(prepacked=1.5, plain=1.0, chunked=0.5))
     first = ct.tune(torch.bfloat16, info=EPYC, path=path, measure=measure)
-    assert first == CPUChoice(prepack=False, attention="chunked", source="measured")
+    assert first == CPUChoice(prepack=False, attention="chunked", source="measured", compute=torch.bfloat16)
     entry = json.loads(path.read_text())[ct.cache_key(EPYC, torch.bfloat16)]
     assert entry["prepack"] is False and entry["attention"] == "chunked" and entry["seconds"]["conv"]["plain"] == 1.0
     again = ct.tune(torch.bfloat16, info=EPYC, path=path, measure=measure)
-    assert again == CPUChoice(prepack=False, attention="chunked", source="cached")
-    assert measure.calls == [torch.bfloat16]
+    assert again == CPUChoice(prepack=False, attention="chunked", source="cached", compute=torch.bfloat16)
+    assert measure.calls == [torch.bfloat16, torch.float32]  # float32 too, to choose the compute dtype; once
+
+
+@pytest.mark.parametrize("f32_seconds, compute", [(0.5, torch.float32), (0.97, torch.bfloat16), (1.5, torch.bfloat16)])
+def test_bfloat16_computes_in_float32_only_where_that_saves_the_margin(tmp_path, f32_seconds, compute):
+    """Compared on the paths each dtype would take (here: plain convolutions, SDPA): 0.5 of bfloat16's time is this
+    session's Xeon without AMX; within 5% the model keeps bfloat16 arithmetic (float32 doubles the activations)."""
+    f32 = timings(prepacked=9.0, plain=f32_seconds, sdpa=f32_seconds, chunked=9.0)
+    measure = FakeMeasure(timings(prepacked=9.0, chunked=9.0), per_dtype={torch.float32: f32})
+    path = tmp_path / "cpu_tuning.json"
+    assert ct.tune(torch.bfloat16, info=EPYC, path=path, measure=measure).compute == compute
+    assert ct.fast_paths("auto", "auto", torch.bfloat16, "cpu", compute="auto",
+                         tuner=lambda d: ct.tune(d, info=EPYC, path=path, measure=measure)).compute == (
+        None if compute == torch.bfloat16 else torch.float32)
+    assert measure.calls == [torch.bfloat16, torch.float32]
 
 
 def test_the_cache_is_per_cpu_model_torch_version_and_dtype(tmp_path, monkeypatch):
@@ -63,10 +82,12 @@ def test_the_cache_is_per_cpu_model_torch_version_and_dtype(tmp_path, monkeypatc
     ct.tune(torch.bfloat16, info=XEON_AMX, path=path, measure=measure)
     monkeypatch.setattr(torch, "__version__", "9.9.9")
     ct.tune(torch.bfloat16, info=EPYC, path=path, measure=measure)
-    assert len(measure.calls) == 4 and len(json.loads(path.read_text())) == 4
+    assert len(json.loads(path.read_text())) == 6  # each bfloat16 measurement brings its float32 one
+    assert measure.calls == [torch.bfloat16, torch.float32, torch.bfloat16, torch.float32, torch.bfloat16, torch.float32]
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"%s": {"prepack": "yes", "attention": "sdpa"}}'])
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"%s": {"prepack": "yes", "attention": "sdpa"}}',
+                                     '{"%s": {"prepack": true, "attention": "sdpa"}}'])  # no compute: older format
 def test_a_broken_cache_is_measured_again_and_rewritten(tmp_path, content):
     path = tmp_path / "cpu_tuning.json"
     path.write_text(content.replace("%s", ct.cache_key(EPYC, torch.float32)))
@@ -101,12 +122,32 @@ def test_cache_folder_follows_xdg_cache_home(tmp_path, monkeypatch):
 
 
 def test_fast_paths_forced_values_win_and_auto_asks_the_tuner():
-    tuner = FakeMeasure(CPUChoice(prepack=False, attention="chunked", source="cached"))
+    tuner = FakeMeasure(CPUChoice(prepack=False, attention="chunked", source="cached", compute=torch.bfloat16))
     assert ct.fast_paths(True, "sdpa", torch.bfloat16, "cpu", tuner=tuner) == CPUChoice(True, "sdpa", "config")
     assert ct.fast_paths("auto", "sdpa", torch.bfloat16, "cpu", tuner=tuner) == CPUChoice(False, "sdpa", "cached")
     assert ct.fast_paths(True, "auto", torch.bfloat16, "cpu", tuner=tuner) == CPUChoice(True, "chunked", "cached")
     assert ct.fast_paths("auto", "auto", torch.float16, "cuda", tuner=tuner) == CPUChoice(True, "sdpa", "config")
     assert tuner.calls == [torch.bfloat16, torch.bfloat16]  # never timed for a GPU
+
+
+def test_fast_paths_compute_float32_takes_float32s_kernels():
+    """cpu_compute=float32 (or auto choosing it): the prepack and attention choices are the float32 ones, which are
+    the kernels that then run; native keeps bfloat16; a float32 model has nothing to choose."""
+    choices = {torch.float32: CPUChoice(True, "chunked", "cached", torch.float32),
+               torch.bfloat16: CPUChoice(False, "sdpa", "cached", torch.float32)}
+    tuner = FakeMeasure(per_dtype=choices)
+    tuner.result = None
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert ct.fast_paths("auto", "auto", bf16, "cpu", compute="float32", tuner=tuner) == CPUChoice(
+        True, "chunked", "cached", f32)
+    assert ct.fast_paths("auto", "auto", bf16, "cpu", compute="auto", tuner=tuner) == CPUChoice(
+        True, "chunked", "cached", f32)
+    assert ct.fast_paths("auto", "auto", bf16, "cpu", compute="native", tuner=tuner) == CPUChoice(
+        False, "sdpa", "cached", None)
+    assert ct.fast_paths(False, "sdpa", bf16, "cpu", compute="float32", tuner=tuner) == CPUChoice(
+        False, "sdpa", "config", f32)
+    assert ct.fast_paths("auto", "auto", f32, "cpu", compute="auto", tuner=tuner).compute is None
+    assert ct.fast_paths("auto", "auto", bf16, "cuda", compute="float32", tuner=tuner).compute is None
 
 
 def test_best_times_alternates_and_keeps_the_best_with_a_fake_clock():
@@ -181,6 +222,30 @@ def test_config_keys_accept_auto_true_false_and_kernel_names():
         load_config(dotlist=["model.prepack=sometimes"])
     with pytest.raises(ConfigError, match="model.attention must be one of auto, sdpa, chunked"):
         load_config(dotlist=["model.attention=flash"])
+    assert load_config().model.cpu_compute == "auto"
+    with pytest.raises(ConfigError, match="model.cpu_compute must be one of auto, native, float32"):
+        load_config(dotlist=["model.cpu_compute=float16"])
+
+
+@pytest.mark.parametrize("compute, expected", [("float32", torch.float32), ("native", None), ("auto", torch.float32)])
+def test_load_model_sets_the_compute_dtype_of_a_bfloat16_model(tmp_path, monkeypatch, compute, expected):
+    """auto reads the cache (here: this CPU measured bfloat16 slower); the UNet and VAE keep bfloat16 weights."""
+    from conftest import TINY_HPARAMS, TINY_WEIGHTS
+    from magicstyle import load_config, load_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ct.write_cache(ct.cache_file(), {ct.cache_key(ct.cpu_info(), d): {"prepack": True, "attention": "sdpa",
+                                                                     "compute": "float32"}
+                                     for d in (torch.float32, torch.bfloat16)})
+    model = {"weights": str(TINY_WEIGHTS), "hparams": str(TINY_HPARAMS), "dtype": "bfloat16", "device": "cpu",
+             "cpu_compute": compute}
+    sd = load_model(load_config(None, {"model": model}))
+    assert sd.unet.compute_dtype == expected and sd.vae.compute_dtype == expected
+    assert sd.unet.out[2].weight.dtype == sd.vae.quant_conv.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        eps = sd.unet(torch.zeros(1, 4, 8, 8), 500, torch.zeros(1, 77, sd.unet.input_blocks[1][1].transformer_blocks[0]
+                                                                   .attn2.to_k.in_features))
+    assert eps.dtype == (expected or torch.bfloat16)
 
 
 def test_load_model_applies_the_cached_choice(tmp_path, monkeypatch):
@@ -189,7 +254,8 @@ def test_load_model_applies_the_cached_choice(tmp_path, monkeypatch):
     from models.layers import Conv2d
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    ct.write_cache(ct.cache_file(), {ct.cache_key(ct.cpu_info(), torch.float32): {"prepack": False, "attention": "chunked"}})
+    ct.write_cache(ct.cache_file(), {ct.cache_key(ct.cpu_info(), torch.float32): {
+        "prepack": False, "attention": "chunked", "compute": "float32"}})
     model = {"weights": str(TINY_WEIGHTS), "hparams": str(TINY_HPARAMS), "dtype": "float32", "device": "cpu"}
     before = cpu_attention()
     try:

@@ -279,6 +279,43 @@ def test_prepack_off_gives_the_same_outputs_without_the_cache(sd):
 # ---------------------------------------------------------------------------------------------------------------------
 # One-line errors
 
+def test_a_bfloat16_unet_computing_in_float32_is_the_float32_unet_of_its_weights(sd):
+    """model.cpu_compute=float32: weights stay bfloat16 in memory, every layer casts them to float32 (models/layers.py),
+    so the result is bit for bit the float32 UNet holding the same (bfloat16-rounded) weights, prepacked or not."""
+    import copy
+
+    from models.layers import set_prepack
+
+    r = refs()
+    bf16 = copy.deepcopy(sd.unet).cpu().to(torch.bfloat16)
+    f32 = copy.deepcopy(bf16).float()
+    bf16.compute_dtype = torch.float32
+    for prepack in (True, False):
+        set_prepack(bf16, prepack), set_prepack(f32, prepack)
+        with torch.no_grad():
+            out = bf16(r["unet.x16"], r["unet.t16"], r["text.hidden"])
+            ref = f32(r["unet.x16"], r["unet.t16"], r["text.hidden"])
+        assert out.dtype == torch.float32 and torch.equal(out, ref)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert bf16.state_dict().keys() == sd.unet.state_dict().keys()
+
+
+@pytest.mark.parametrize("cls, args", [("Linear", (6, 5)), ("GroupNorm", (2, 6)), ("LayerNorm", (6,))])
+def test_layers_compute_in_their_inputs_dtype(cls, args):
+    import models.layers as layers
+
+    torch.manual_seed(0)
+    layer = getattr(layers, cls)(*args).to(torch.bfloat16).requires_grad_(False)
+    plain = getattr(torch.nn, cls)(*args).requires_grad_(False)
+    plain.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    x = torch.randn(3, 6, 4, 4) if cls == "GroupNorm" else torch.randn(3, 4, 6)
+    with torch.inference_mode():
+        out = layer(x)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, plain(x), rtol=1e-6, atol=1e-6)
+        assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
 
 def test_first_line_of_an_exception():
     from models.errors import CheckpointError, first_line
