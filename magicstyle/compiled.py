@@ -9,8 +9,11 @@ feature store to each step with ``store.step(t)``, and inside the graph the reci
 ``record`` leaves its tensors in ``pending``, which the next ``step`` copies out of the graph's memory
 (attention/store.py).  So one graph serves all 30 steps, and CSDI, FFF and each batch size get one each.
 
-``auto`` turns it on for CUDA and off elsewhere: on a CPU, compiling costs minutes and the oneDNN path of
-``models/layers.py`` is already the fast one.  ``true`` on a CPU compiles with Inductor's C++ backend (for tests and
+``auto`` turns it on for a CUDA run of at least ``AUTO_MIN_JOBS`` jobs and off elsewhere.  On an H100 compiling and
+warming up one graph took 74 s and saved 24.5 ms per batch-2 forward (32.1 -> 7.6 ms; ``bench/README.md``): with a
+graph for CSDI and one for FFF, about 60 forwards per pair, it pays back after about 100 pairs, so a one-shot run (the
+8 s target of issue 11) or the demo's first request stays eager.  On a CPU, compiling costs minutes and the oneDNN path
+of ``models/layers.py`` is already the fast one.  ``true`` on a CPU compiles with Inductor's C++ backend (for tests and
 experiments; the prepacked convolutions are turned off, their weight cache cannot be traced).  The first calls of each
 new shape compile (about a minute for the full UNet on an H100); that time is also reported as ``seconds.compile``.
 Attention diagnostics (``fff(..., diagnostics=...)``) run the eager UNet: the observer is Python that reads tensors.
@@ -28,14 +31,17 @@ from models.layers import set_prepack
 from .config import ConfigError
 
 MODE = "reduce-overhead"  # CUDA graphs + Inductor; "max-autotune" also searches kernels (longer warm-up)
+AUTO_MIN_JOBS = 100  # pairs after which compiling pays back on an H100 (above); not re-measured with batch.pairs > 1
 RECOMPILE_LIMIT = 64  # graphs per UNet: one per (batch, size, dtype, recipe set, recipe on/off); dynamo's default is 8
 
 
-def use_compile(setting, device: torch.device) -> bool:
-    """``model.compile``: ``auto`` (on for CUDA, off elsewhere; off everywhere in a process tree started with the
-    environment variable ``MAGICSTYLE_COMPILE_AUTO=0``, as the test suite does), true or false."""
+def use_compile(setting, device: torch.device, jobs: int = 1) -> bool:
+    """``model.compile``: ``auto`` (on for a CUDA run of at least ``AUTO_MIN_JOBS`` jobs, off elsewhere; off
+    everywhere in a process tree started with the environment variable ``MAGICSTYLE_COMPILE_AUTO=0``, as the test
+    suite does), true or false."""
     if setting == "auto":
-        return device.type == "cuda" and os.environ.get("MAGICSTYLE_COMPILE_AUTO", "1") != "0"
+        return (device.type == "cuda" and jobs >= AUTO_MIN_JOBS
+                and os.environ.get("MAGICSTYLE_COMPILE_AUTO", "1") != "0")
     if isinstance(setting, bool):
         return setting
     raise ConfigError(f"model.compile must be auto, true or false, not {setting!r}")

@@ -45,8 +45,9 @@ def resolve_dtypes(name: str, vae_name: str, device: torch.device) -> tuple[torc
     return dtype, DTYPES[vae_name]
 
 
-def load_model(cfg: DictConfig) -> SD15:
-    """The SD1.5 of ``cfg.model``: weights and VAE are paths or ``hf:`` references (fetched if not cached)."""
+def load_model(cfg: DictConfig, jobs: int = 1) -> SD15:
+    """The SD1.5 of ``cfg.model``: weights and VAE are paths or ``hf:`` references (fetched if not cached).  ``jobs``:
+    how many pairs the model is loaded for (``model.compile: auto`` compiles only for many, magicstyle/compiled.py)."""
     device = resolve_device(cfg.model.device)
     dtype, vae_dtype = resolve_dtypes(cfg.model.dtype, cfg.model.vae_dtype, device)
     files = fetch_all(cfg)
@@ -65,7 +66,7 @@ def load_model(cfg: DictConfig) -> SD15:
     set_prepack(sd.unet, paths.prepack)
     set_prepack(sd.vae, vae_paths.prepack)
     set_cpu_attention(paths.attention)
-    if use_compile(cfg.model.compile, device):
+    if use_compile(cfg.model.compile, device, jobs):
         compile_unet(sd.unet)  # compiles lazily, at the first call of each shape
     return sd
 

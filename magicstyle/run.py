@@ -90,11 +90,12 @@ class Run:
         if not self.quiet:
             print(message, file=sys.stderr)
 
-    def load(self, cfg: DictConfig, images: list[jobs.Source]) -> None:
-        """Load the model (once), then say which images get resized: notes only once the run really starts."""
+    def load(self, cfg: DictConfig, images: list[jobs.Source], count: int = 1) -> None:
+        """Load the model (once) for ``count`` jobs, then say which images get resized: notes only once the run
+        really starts."""
         start = time.perf_counter()
         try:
-            self.sd = pipeline.load_model(cfg)
+            self.sd = pipeline.load_model(cfg, jobs=count)
         except CheckpointError as e:
             raise CheckpointError(f"{e} (see weights/README.md)") from None
         self.seconds["load"] = time.perf_counter() - start
@@ -111,10 +112,12 @@ class Run:
     def report(self, extra: dict | None = None) -> dict:
         data = {"seconds": {**self.seconds, **compile_report()},
                 **{k: v for k, v in self.counts.items() if k not in ("images_inverted", "images_from_cache")},
-                "peak_rss_bytes": peak_rss_bytes(), "device": None, "dtype": None}
+                "peak_rss_bytes": peak_rss_bytes(), "device": None, "dtype": None, "compute_dtype": None}
         if self.sd is not None and hasattr(self.sd, "unet"):
             param = next(self.sd.unet.parameters())
-            data.update(device=str(param.device), dtype=str(param.dtype).removeprefix("torch."))
+            runs_in = getattr(self.sd.unet, "compute_dtype", None) or param.dtype  # model.cpu_compute
+            data.update(device=str(param.device), dtype=str(param.dtype).removeprefix("torch."),
+                        compute_dtype=str(runs_in).removeprefix("torch."))
             if param.device.type == "cuda":
                 data["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(param.device)
         return {**data, **(extra or {})}
@@ -239,7 +242,7 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
     state.overwrite_extras = True  # the run folder's own files
     try:
         if mine:
-            state.load(settings[0].cfg, [s for j in mine for s in (j.content, j.style)])
+            state.load(settings[0].cfg, [s for j in mine for s in (j.content, j.style)], len(mine))
             batch.run_jobs(state, mine, settings, folder, progress=bar)
     except KeyboardInterrupt:
         if size == 1:  # the index lists what is finished

@@ -28,7 +28,7 @@ from attention.core import multihead_attention
 from attention.plain import plain
 
 from .config import SD15Config
-from .layers import Conv2d, GroupNorm, LayerNorm, Linear, Upsample, linear
+from .layers import Conv2d, GroupNorm, LayerNorm, Linear, Upsample, geglu, linear
 
 # A recipe maps the layer and its normalised input x (B, N, C) to the attention output (B, N, C), which the layer
 # then sends through its own output projection ``to_out`` (see ``attention/``).
@@ -98,8 +98,7 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return geglu(self.proj, x)  # x W_a + b_a times GELU(x W_g + b_g): proj's two halves
 
 
 class FeedForward(nn.Module):

@@ -196,7 +196,7 @@ def fake_model(monkeypatch):
     """The model replaced by a stub: records the config FFF gets and gives a flat image."""
     seen = {}
 
-    def load_model(cfg):
+    def load_model(cfg, jobs=1):
         seen["load"] = cfg
         return object()
 
@@ -221,7 +221,7 @@ def fake_model(monkeypatch):
 @pytest.fixture
 def no_model(monkeypatch):
     """Any attempt to load the model fails the test: input errors must be found before."""
-    def load_model(cfg):
+    def load_model(cfg, jobs=1):
         raise AssertionError("the model was loaded before the inputs were checked")
 
     monkeypatch.setattr(pipeline, "load_model", load_model)

@@ -30,9 +30,11 @@ TINY = {"size": 64, "steps": 2, "model": {"weights": str(TINY_WEIGHTS), "hparams
 def test_compile_switch(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setenv("MAGICSTYLE_COMPILE_AUTO", "1")
-    assert use_compile("auto", cuda) and not use_compile("auto", cpu)
+    assert use_compile("auto", cuda, jobs=100) and not use_compile("auto", cpu, jobs=100)
+    assert not use_compile("auto", cuda) and not use_compile("auto", cuda, jobs=99)  # a one-shot run stays eager
+    assert use_compile(True, cuda, jobs=1)
     monkeypatch.setenv("MAGICSTYLE_COMPILE_AUTO", "0")  # what the suite runs with (tests/conftest.py)
-    assert not use_compile("auto", cuda)
+    assert not use_compile("auto", cuda, jobs=1000)
     assert use_compile(True, cpu) and not use_compile(False, cuda)
     for bad in ("yes", 1):
         with pytest.raises(ConfigError, match="model.compile"):

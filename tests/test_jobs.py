@@ -136,8 +136,9 @@ def stub(monkeypatch):
         stats.update(generate_unet_calls=cfg.steps, generate_unet_rows=2 * cfg.steps * len(pairs))
         return torch.zeros(len(pairs), 3, cfg.size, cfg.size)
 
-    def load_model(cfg):
+    def load_model(cfg, jobs=1):
         seen.loads += 1
+        seen.jobs = jobs  # what model.compile: auto decides by (magicstyle/compiled.py)
         return object()
 
     for name, value in dict(csdi=csdi, fff=fff, Inversion=Inv, inversion_key=lambda cfg: str(cfg.steps)).items():
@@ -163,7 +164,7 @@ def test_each_image_is_inverted_once_per_inversion_setting(batches, stub, inputs
     r = json.loads(report.read_text())
     assert (r["jobs"], r["jobs_done"], r["jobs_skipped"], r["jobs_failed"], r["images_inverted"]) == (16, 16, 0, 0, 6)
     assert r["unet_evals"] == batches * (2 + 3) + 4 * 2 * (2 + 3)  # CSDI batches per steps value, 16 FFF runs
-    assert sorted({p[2] for p in stub.pairs}) == [0.0, 1.0] and stub.loads == 1
+    assert sorted({p[2] for p in stub.pairs}) == [0.0, 1.0] and stub.loads == 1 and stub.jobs == 16
 
 
 def test_a_failed_job_is_recorded_and_the_others_run(stub, inputs, monkeypatch):

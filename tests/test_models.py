@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from _ckpt_helpers import (FULL_MANIFEST, HPARAMS, SCHEDULE_BUFFERS, TINY_MANIFEST, load_tiny, manifest, refs,
                            rel_err)
@@ -298,6 +299,27 @@ def test_a_bfloat16_unet_computing_in_float32_is_the_float32_unet_of_its_weights
         assert out.dtype == torch.float32 and torch.equal(out, ref)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     assert bf16.state_dict().keys() == sd.unet.state_dict().keys()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_geglu_and_prepacked_linear_match_the_plain_ops(dtype, tol):
+    """The CPU paths of models/layers.py (GELU and product fused into two prepacked products; a prepacked linear map
+    with its bias inside) against F.linear + chunk + gelu, in float64; and the unfused path with prepack off."""
+    from models.layers import Linear, geglu, linear
+
+    torch.manual_seed(0)
+    proj = Linear(16, 2 * 24).to(dtype).requires_grad_(False)
+    x = torch.randn(3, 10, 16).to(dtype)
+    a, g = F.linear(x.double(), proj.weight.double(), proj.bias.double()).chunk(2, dim=-1)
+    ref = a * F.gelu(g)
+    with torch.inference_mode():
+        for prepack in (True, False):
+            proj.prepack = prepack
+            assert geglu(proj, x).dtype == dtype
+            assert ((geglu(proj, x).double() - ref).norm() / ref.norm()) < tol
+            out = linear(proj, x).double()
+            full = F.linear(x.double(), proj.weight.double(), proj.bias.double())
+            assert ((out - full).norm() / full.norm()) < tol
 
 
 @pytest.mark.parametrize("cls, args", [("Linear", (6, 5)), ("GroupNorm", (2, 6)), ("LayerNorm", (6,))])
