@@ -26,7 +26,7 @@ from torch import nn
 # entry goes with its module.  Each is (key, packed) with key = (weight storage, compute dtype, weight version).
 _packed_weights: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _HAS_PACKED_CONV = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-_HAS_PACKED_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+_HAS_PACKED_LINEAR = all(hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight"))
 _HAS_FUSED_GEGLU = _HAS_PACKED_LINEAR and hasattr(torch.ops.mkldnn._linear_pointwise, "binary")
 
 
@@ -53,7 +53,7 @@ def uses_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def packed(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype, reorder: Callable[[torch.Tensor], object],
-           kind: str = "") -> object:
+           kind: str) -> object:
     """``reorder(weight in dtype)``, made once per module; again when the weight is another tensor, is edited in place,
     is wanted in another dtype or in another ``kind`` of packing."""
     key = (weight.data_ptr(), dtype, -1 if weight.is_inference() else weight._version, kind)
@@ -77,12 +77,12 @@ class Prepacked:
 class Conv2d(Prepacked, nn.Conv2d):
     """``nn.Conv2d`` (same parameters) computing in its input's dtype; on the CPU on a weight reordered once.
 
-    A bfloat16 1x1 convolution runs on the CPU as a linear map of each pixel, never prepacked (see ``pointwise``).
+    A 1x1 convolution runs on the CPU as a linear map of each pixel (see ``pointwise``).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.is_pointwise():
-            return pointwise(x, self.weight, self.bias)
+        if x.device.type == "cpu" and self.is_pointwise() and (self.prepack or x.dtype == torch.bfloat16):
+            return pointwise(self, x)
         if not (self.prepack and _HAS_PACKED_CONV and uses_packed(x, self.weight)):
             return self._conv_forward(x, like(self.weight, x), like(self.bias, x))
         return torch.ops.mkldnn._convolution_pointwise(  # output channels-last
@@ -96,8 +96,11 @@ class Conv2d(Prepacked, nn.Conv2d):
 
     def packed_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight in oneDNN's layout, in ``dtype`` (default: the weight's own)."""
-        return packed(self, self.weight, dtype or self.weight.dtype, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
-            w.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups))
+        def reorder(w: torch.Tensor) -> torch.Tensor:
+            return torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), self.padding, self.stride, self.dilation,
+                                                             self.groups)
+
+        return packed(self, self.weight, dtype or self.weight.dtype, reorder, "conv")
 
 
 class Linear(Prepacked, nn.Linear):
@@ -114,7 +117,7 @@ def linear(module: Conv2d | Linear, x: torch.Tensor) -> torch.Tensor:
     weight, bias = module.weight, module.bias
     if not (module.prepack and _HAS_PACKED_LINEAR and uses_packed(x, weight)):
         return F.linear(x, like(weight, x).flatten(1), like(bias, x))
-    w = packed(module, weight, x.dtype, lambda w: torch.ops.mkldnn._reorder_linear_weight(w.flatten(1)))
+    w = packed(module, weight, x.dtype, lambda w: torch.ops.mkldnn._reorder_linear_weight(w.flatten(1)), "linear")
     return torch.ops.mkldnn._linear_pointwise(x, w, like(bias, x), "none", [], "")
 
 
@@ -148,14 +151,18 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, like(self.weight, x), like(self.bias, x), self.eps)
 
 
-def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A 1x1 convolution as ``F.linear`` on the (B, H, W, C) view of a channels-last x; the output is channels-last.
+def pointwise(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution as a linear map of each pixel: ``linear`` (prepacked) in float32, a plain ``F.linear`` in
+    bfloat16, on the (B, H, W, C) view of a channels-last x; the output is channels-last.
 
-    oneDNN's prepacked bfloat16 1x1 kernels are pathologically slow: the ResBlock skip 2560 -> 1280 at 8x8 took
-    314 ms against 6 ms as a matmul (bench/README.md).  float32 keeps oneDNN's 1x1 path: the gain there is a few
-    percent of a forward, and the method tests' float32 references (chaotic random tiny UNets) were made with it.
+    oneDNN's prepacked 1x1 convolution kernels are slow for some shapes on the CPUs measured: in bfloat16
+    pathologically (the ResBlock skip 2560 -> 1280 at 8x8 took 314 ms against 6 ms as a matmul), in float32 by up to
+    9x (1920 -> 1280 at 16x16: 84 ms against 9.6 ms as a prepacked linear map; bench/README.md).
     """
-    out = F.linear(x.permute(0, 2, 3, 1), like(weight, x).flatten(1), like(bias, x))  # (B, H, W, C_out)
+    h = x.permute(0, 2, 3, 1)  # (B, H, W, C_in)
+    if x.dtype != torch.bfloat16:
+        return linear(conv, h).permute(0, 3, 1, 2)
+    out = F.linear(h, like(conv.weight, x).flatten(1), like(conv.bias, x))
     return out.permute(0, 3, 1, 2)  # (B, C_out, H, W), channels-last
 
 
