@@ -322,6 +322,23 @@ def test_fused_geglu_and_prepacked_linear_match_the_plain_ops(dtype, tol):
             assert ((out - full).norm() / full.norm()) < tol
 
 
+def test_a_weight_packed_for_a_convolution_is_never_handed_to_a_linear_map():
+    """The cache keeps one packed copy per module, keyed by its kind: a 1x1 Conv2d asked for oneDNN's convolution
+    layout and then for its linear layout gets each in turn (the other layout ran, but took seconds per call)."""
+    from models.layers import Conv2d, _packed_weights, linear
+
+    conv = Conv2d(8, 4, 1).requires_grad_(False)
+    x = torch.randn(2, 5, 8)
+    with torch.inference_mode():
+        conv.packed_weight()
+        assert _packed_weights[conv][0][-1] == "conv"
+        out = linear(conv, x)
+        assert _packed_weights[conv][0][-1] == "linear"
+        conv.packed_weight()
+        assert _packed_weights[conv][0][-1] == "conv"
+    torch.testing.assert_close(out, F.linear(x, conv.weight.flatten(1), conv.bias), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("cls, args", [("Linear", (6, 5)), ("GroupNorm", (2, 6)), ("LayerNorm", (6,))])
 def test_layers_compute_in_their_inputs_dtype(cls, args):
     import models.layers as layers
