@@ -253,6 +253,8 @@ def check_resumable(path: Path, cfg: DictConfig) -> None:
         raise OutputError(f"{path} exists and is not a MagicStyle output; move it, or choose another --output") from None
     want = flat(OmegaConf.to_container(cfg, resolve=True))
     keys = [k for k in sorted(made.keys() | want.keys()) if compared(k)]
+    if not (made.get("inversion.sample_posterior") or want.get("inversion.sample_posterior")):
+        keys = [k for k in keys if k != "seed"]  # the seed only draws the posterior sample
     if diff := next((k for k in keys if made.get(k) != want.get(k)), None):
         raise OutputError(f"{path} exists but was made with {diff}={made.get(diff)!r}, not {want.get(diff)!r}; pass "
                           "--overwrite to redo the run's jobs, or choose another --output")

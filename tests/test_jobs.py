@@ -196,13 +196,23 @@ def test_resume_ignores_the_keys_that_do_not_change_the_image(stub, inputs, monk
             "--output", inputs.output, "--quiet"]
     assert cli(argv) == 0 and stub.loads == 1
     how = ["--device", "cpu", "model.compile=false", "model.prepack=true", "model.attention=chunked",
-           "model.local_dir=elsewhere", "store.mode=recompute", "batch.pairs=2", "diagnostics.region=0,0,8,8"]
+           "model.cpu_compute=float32", "model.local_dir=elsewhere", "store.mode=recompute", "batch.pairs=2",
+           "diagnostics.region=0,0,8,8", "--seed", "7"]  # the seed draws nothing without inversion.sample_posterior
     assert cli([*argv, *how]) == 0, capsys.readouterr().err
     assert stub.loads == 1  # every job skipped: the model is not even loaded
     assert [j["status"] for j in json.loads((inputs.output / "index.json").read_text())["jobs"]] == ["skipped"] * 4
     assert cli([*argv, *how, "--dtype", "bfloat16"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "model.dtype='float32', not 'bfloat16'" in err, err
+
+
+def test_resume_compares_the_seed_when_it_draws_the_posterior_sample(stub, inputs, capsys):
+    argv = ["--content", inputs.contents, "--style", STYLE, "--config", inputs.config, "inversion.sample_posterior=true",
+            "--output", inputs.output, "--quiet"]
+    assert cli(argv) == 0
+    assert cli([*argv, "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "seed=0, not 7" in err, err
 
 
 def test_a_job_that_shares_nothing_runs_through_stylize(stub, inputs, monkeypatch):
