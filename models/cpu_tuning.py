@@ -210,28 +210,34 @@ def tune(dtype: torch.dtype, *, info: CPUInfo | None = None, path: Path | None =
     """The fast paths for this CPU and ``dtype``: from the cache, else measured once and cached, else by capability.
     For bfloat16 the float32 paths are measured too (and cached as float32's), to choose the compute dtype."""
     info = info or cpu_info()
-    path = path or cache_file()
+    entry, source = _entry(dtype, info, path or cache_file(), measure)
+    if entry is None:
+        return capability_choice(info)
+    return CPUChoice(entry["prepack"], entry["attention"], source, getattr(torch, entry["compute"]))
+
+
+def _entry(dtype: torch.dtype, info: CPUInfo, path: Path, measure: Callable[[torch.dtype], dict]):
+    """(this CPU's cache entry for ``dtype``, "cached" or "measured"); (None, "") where nothing could be measured.
+    A measured entry is used even where the cache cannot be written."""
     entry = read_json(path).get(cache_key(info, dtype))
     if _valid(entry):
-        return CPUChoice(entry["prepack"], entry["attention"], "cached", getattr(torch, entry["compute"]))
+        return entry, "cached"
     if dtype not in (torch.float32, torch.bfloat16):  # no oneDNN path to choose (float16 runs plain convolutions)
-        return capability_choice(info)
+        return None, ""
     try:
         timings = measure(dtype)
         choice = choose(timings)
         compute = dtype
         if dtype == torch.bfloat16:
-            tune(torch.float32, info=info, path=path, measure=measure)
-            f32 = read_json(path).get(cache_key(info, torch.float32))
-            if _valid(f32) and isinstance(f32.get("seconds"), dict):
+            f32, _ = _entry(torch.float32, info, path, measure)
+            if f32 is not None and isinstance(f32.get("seconds"), dict):
                 compute = compute_dtype(timings, f32["seconds"])
     except Exception:  # no oneDNN, no bfloat16 kernels, out of memory: the capability rule decides, nothing cached
-        return capability_choice(info)
-    entries = read_json(path)
-    entries[cache_key(info, dtype)] = {"prepack": choice.prepack, "attention": choice.attention,
-                                       "compute": _name(compute), "seconds": timings, "cpu": info.line()}
-    write_cache(path, entries)
-    return CPUChoice(choice.prepack, choice.attention, "measured", compute)
+        return None, ""
+    entry = {"prepack": choice.prepack, "attention": choice.attention, "compute": _name(compute), "seconds": timings,
+             "cpu": info.line()}
+    write_cache(path, {**read_json(path), cache_key(info, dtype): entry})
+    return entry, "measured"
 
 
 def fast_paths(prepack: bool | str, attention: str, dtype: torch.dtype, device: torch.device | str = "cpu", *,

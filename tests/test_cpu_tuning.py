@@ -109,8 +109,12 @@ def test_without_a_measurement_the_capability_rule_decides(tmp_path, info, prepa
 def test_an_unwritable_cache_folder_does_not_fail_the_run(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    choice = ct.tune(torch.float32, info=EPYC, path=blocker / "magicstyle" / "cpu_tuning.json", measure=FakeMeasure())
+    path = blocker / "magicstyle" / "cpu_tuning.json"
+    choice = ct.tune(torch.float32, info=EPYC, path=path, measure=FakeMeasure())
     assert choice.source == "measured"
+    # bfloat16 still compares with the float32 timings it just measured, though neither could be cached
+    measure = FakeMeasure(per_dtype={torch.float32: timings(prepacked=0.1, plain=0.1, sdpa=0.1)})
+    assert ct.tune(torch.bfloat16, info=EPYC, path=path, measure=measure).compute == torch.float32
 
 
 def test_cache_folder_follows_xdg_cache_home(tmp_path, monkeypatch):
