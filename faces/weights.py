@@ -60,8 +60,10 @@ def require_file(path: str | Path | None, name: str, config: DictConfig | None =
     if str(given).startswith("hf:"):
         from magicstyle.hub import resolve_model_file  # here: magicstyle's pipeline imports faces
 
-        return resolve_model_file(str(given), local_dir=EVAL_LOCAL_DIR, what=f"{name} model")
-    path = resolve(given)
+        # the local copy is looked up like every other entry's file: as given, else under the repository
+        path = resolve_model_file(str(given), local_dir=resolve(EVAL_LOCAL_DIR), what=f"{name} model")
+    else:
+        path = resolve(given)
     if not path.is_file():
         sha = f", SHA-256 {entry.sha256}" if entry.get("sha256") else ""
         raise FaceModelError(f"{name} model file {path} not found; get {entry.source}{sha}, and put it there or "
@@ -70,7 +72,12 @@ def require_file(path: str | Path | None, name: str, config: DictConfig | None =
     if expected:
         from magicstyle.filehash import file_sha256  # here: magicstyle's pipeline imports faces
 
-        if not file_sha256(path).startswith(str(expected).lower()):
+        try:
+            digest = file_sha256(path)
+        except OSError as e:
+            raise FaceModelError(f"{name} model file {path} cannot be read ({e.strerror or first_line(e)}); check "
+                                 f"its permissions, or set {setting}") from None
+        if not digest.startswith(str(expected).lower()):
             raise FaceModelError(f"{name} model file {path} has the wrong SHA-256 (expected {expected}...); "
                                  f"download it again from {entry.source}")
     return path
@@ -91,6 +98,10 @@ def loading(path: str | Path, name: str, config: DictConfig | None = None, *, se
     except (MagicStyleError, MemoryError):
         raise
     except Exception as e:
+        import torch
+
+        if isinstance(e, torch.OutOfMemoryError):  # the file is fine: the device is full
+            raise
         entry = model_entry(name, config)
         detail = first_line(e, typed=True)
         detail = detail if len(detail) <= 160 else detail[:157] + "..."

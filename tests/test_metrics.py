@@ -235,12 +235,41 @@ def test_evaluate_cli_errors(tmp_path, models, capsys):
 
 
 def test_hub_reference_uses_the_local_copy_first(tmp_path, monkeypatch):
+    """EVAL_LOCAL_DIR is relative, like weights/eval: found under the repository from any current folder."""
     import faces.weights
 
-    monkeypatch.setattr(faces.weights, "EVAL_LOCAL_DIR", str(tmp_path))
-    (tmp_path / "open_clip_model.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(faces.weights, "ROOT", tmp_path / "repo")
+    monkeypatch.setattr(faces.weights, "EVAL_LOCAL_DIR", "local/eval")
+    (tmp_path / "repo" / "local" / "eval").mkdir(parents=True)
+    (tmp_path / "repo" / "local" / "eval" / "open_clip_model.safetensors").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setattr("magicstyle.hub.download", lambda *a, **k: pytest.fail("downloaded despite the local copy"))
     ref = "hf:timm/vit_large_patch14_clip_224.openai/open_clip_model.safetensors"
-    assert faces.weights.require_file(ref, "clip") == tmp_path / "open_clip_model.safetensors"
+    assert faces.weights.require_file(ref, "clip") == tmp_path / "repo" / "local" / "eval" / "open_clip_model.safetensors"
+
+
+def test_an_unreadable_model_file_is_one_line(tmp_path, monkeypatch):
+    """Reading the file to hash it fails (a permission error; simulated: the suite may run as root)."""
+    import faces.weights
+    import magicstyle.filehash
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(magicstyle.filehash, "file_sha256", refuse)
+    model = tmp_path / "alexnet.pth"
+    model.write_bytes(b"x")
+    with pytest.raises(faces.weights.FaceModelError, match="cannot be read .Permission denied.; check its permissions"):
+        faces.weights.require_file(model, "lpips_alexnet")
+
+
+def test_out_of_memory_while_loading_is_not_blamed_on_the_file():
+    import faces.weights
+
+    with pytest.raises(torch.OutOfMemoryError):
+        with faces.weights.loading("clip.safetensors", "clip"):
+            raise torch.OutOfMemoryError("CUDA out of memory")
 
 
 def test_evaluate_on_cuda_without_a_gpu_is_one_line(tmp_path, models, capsys, monkeypatch):
