@@ -31,7 +31,7 @@ from models.safetensors_file import header_problem, parse_header
 from .config import DTYPES
 from .filehash import hash_file
 from .inversion import Inversion, inversion_key
-from .output import write_atomic
+from .output import OutputError, write_atomic
 
 FORMAT = "magicstyle-inversion-cache/1"
 SUFFIX = ".safetensors"
@@ -126,4 +126,10 @@ def load(path: Path, device: torch.device) -> Inversion | None:
 
 
 def save(path: Path, inv: Inversion) -> None:
-    write_atomic(path, encode(inv, *[v or "" for v in identity(path)]), overwrite=True, what="inversion cache entry")
+    """Write the entry; where it cannot be written (a full disk, a read-only folder) the run goes on without it: the
+    inversion itself succeeded, and a later run recomputes it."""
+    try:
+        write_atomic(path, encode(inv, *[v or "" for v in identity(path)]), overwrite=True,
+                     what="inversion cache entry")
+    except OutputError as e:
+        print(f"note: {first_line(e)}; going on without caching it", file=sys.stderr)

@@ -85,3 +85,15 @@ def test_an_entry_under_another_name_is_not_used(made, tmp_path, capsys):
         (tmp_path / name).write_bytes(path.read_bytes())
         assert cache.load(tmp_path / name, CPU) is None
     assert capsys.readouterr().err.count("made for another") == 2
+
+
+def test_an_entry_that_cannot_be_written_is_a_note_and_the_run_goes_on(made, tmp_path, capsys):
+    """A full disk or a read-only cache folder (a file in its place here) costs the cache, not the inversion."""
+    cfg, _, inv = made["recompute"]
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    path = blocker / cache.entry(ASTRONAUT, cfg).name
+    cache.save(path, inv)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: ") and "going on without caching it" in err, err
+    assert blocker.read_text() == ""
