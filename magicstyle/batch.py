@@ -72,15 +72,18 @@ def invert(run, paths: list[Path], cfg: DictConfig, batch: int = INVERT_BATCH):
         if (inv := cache.load(entry, device_of(run.sd))) is not None:
             parts[path] = inv
     run.counts["images_from_cache"] += len(parts)
-    for chunk in chunks([p for p in paths if p not in parts], batch):
+    todo = [p for p in paths if p not in parts]
+    made = []
+    for chunk in chunks(todo, batch):
         inv = csdi(run, chunk, cfg)
-        whole = len(chunk) == len(paths)  # one batch: no need to cut and merge
-        for i, path in enumerate(chunk if entries or not whole else []):
-            parts[path] = inv if len(chunk) == 1 else inv.select([i])  # each image's rows copied once
-            if entries:
-                cache.save(entries[path], parts[path])
-        if whole:
-            return inv
+        made.append(inv)
+        for i, path in enumerate(chunk if entries else []):  # a cache entry holds one image's rows
+            parts[path] = inv if len(chunk) == 1 else inv.select([i])
+            cache.save(entries[path], parts[path])
+    if len(made) == 1 and len(todo) == len(paths):  # one CSDI batch, nothing from the cache
+        return made[0]
+    if not entries:  # the batches, in the order of paths, merged once
+        return pipeline.Inversion.cat(made)
     ordered = [parts[p] for p in paths]
     return ordered[0] if len(ordered) == 1 else pipeline.Inversion.cat(ordered)
 
@@ -120,7 +123,8 @@ def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = Fa
         if strict:
             raise e
         for job in jobs:
-            job.fail(first_line(e, typed=True))
+            if job.status != "done":
+                job.fail(first_line(e, typed=True))
         finished += len(jobs)
         progress.update(finished)
 
@@ -191,9 +195,10 @@ def run_batch(run, batch: list, cfg: DictConfig, inv, row: dict, folder: Path) -
             write_diagnostics(diagnostics, folder / job.output, i, overwrite=run.overwrite_extras)
         save_png(to_image(images[i:i + 1]), folder / job.output, run.parameters(cfg, job.content.path, job.style.path),
                  overwrite=run.args.overwrite)
+        job.status = "done"  # written: a later job's failure in this batch does not undo it
     run.seconds["decode"] += time.perf_counter() - middle
     for job in batch:
-        job.status, job.seconds = "done", (time.perf_counter() - start) / len(batch)
+        job.seconds = (time.perf_counter() - start) / len(batch)
 
 
 def run_alone(run, job, cfg: DictConfig, folder: Path) -> None:
@@ -202,8 +207,8 @@ def run_alone(run, job, cfg: DictConfig, folder: Path) -> None:
     image = pipeline.stylize(job.content.path, job.style.path, cfg, sd=run.sd, progress=run.phases, stats=stats)
     save_png(image, folder / job.output, run.parameters(cfg, job.content.path, job.style.path),
              overwrite=run.args.overwrite)
-    for key, seconds in stats["seconds"].items():
-        run.seconds[key] = run.seconds.get(key, 0.0) + seconds
+    for key in run.seconds:  # the run's phases (its compile time is counted once, by compile_report)
+        run.seconds[key] += stats["seconds"].get(key, 0.0)
     run.counts["unet_evals"] += stats["unet_evals"]
     run.counts["unet_rows"] += stats["unet_rows"]
     run.counts["images_inverted"] += 2

@@ -163,3 +163,37 @@ def test_a_cache_miss_hashes_each_image_once_and_cuts_its_rows_once(tmp_path, mo
     assert sorted(map(tuple, cut)) == [(0,), (0,), (1,), (1,), (2,), (3,)]  # each image of the batch of 4 once
     assert hashed == Counter(paths)
     assert sorted(saved.values()) == [[p] for p in sorted(paths)] and run.counts["images_from_cache"] == 0
+
+
+def test_without_a_cache_the_batches_are_merged_once_and_never_cut(tmp_path, monkeypatch):
+    """No cache entries to write: CSDI's batches are already in the order of the paths, so their features are
+    concatenated once, never cut into single images first (two copies of the whole store)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    import magicstyle.batch as batch
+    import magicstyle.pipeline as pipeline
+
+    cut, merged = [], []
+
+    class Inv:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def select(self, indices):
+            cut.append(indices)
+            return Inv([self.rows[i] for i in indices])
+
+        @staticmethod
+        def cat(parts):
+            merged.append(len(parts))
+            return Inv([r for p in parts for r in p.rows])
+
+    monkeypatch.setattr(batch, "csdi", lambda run, paths, cfg: Inv(list(paths)))
+    monkeypatch.setattr(pipeline, "Inversion", Inv)
+    cfg = load_config(write_config(tmp_path / "tiny.yaml"), {"store": {"mode": "recompute"}})
+    paths = [tmp_path / f"{i}.png" for i in range(6)]  # a batch of 4 and a batch of 2
+    run = SimpleNamespace(sd=None, counts=Counter())
+    assert batch.invert(run, paths, cfg).rows == paths
+    assert cut == [] and merged == [2]
+    assert batch.invert(run, paths[:3], cfg).rows == paths[:3] and cut == [] and merged == [2]  # one batch: as made

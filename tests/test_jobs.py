@@ -221,7 +221,8 @@ def test_a_job_that_shares_nothing_runs_through_stylize(stub, inputs, monkeypatc
 
     def stylize(content, style, cfg, *, sd=None, progress=None, stats=None):
         calls.append((content.name, cfg.ffa.beta))
-        stats.update(seconds={"encode": 0.5}, unet_evals=3, unet_rows=5, feature_store_bytes=7, face_refine={"ran": 1})
+        stats.update(seconds={"encode": 0.5, "compile": 2.0}, unet_evals=3, unet_rows=5, feature_store_bytes=7,
+                     face_refine={"ran": 1})
         return Image.new("RGB", (cfg.size, cfg.size))
 
     import faces.weights
@@ -234,6 +235,26 @@ def test_a_job_that_shares_nothing_runs_through_stylize(stub, inputs, monkeypatc
     assert calls == [("a.png", 1)] and len(stub.pairs) == 1  # the other job shares the usual way
     r = json.loads((inputs.tmp / "r.json").read_text())
     assert r["images_inverted"] == 2 + 2 and r["unet_rows"] >= 5 and r["jobs_done"] == 2
+    # the run's phases only: compile time is the process's own tally (compile_report), not summed from each job (a
+    # key that only some ranks had broke the report under torchrun)
+    assert r["seconds"]["encode"] >= 0.5 and "compile" not in r["seconds"]
+
+
+def test_a_write_that_fails_in_a_batch_fails_only_the_jobs_not_yet_written(stub, inputs, monkeypatch):
+    written, real = [], batch_module.save_png
+
+    def save_png(image, path, *args, **kwargs):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path.name)
+        return real(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "save_png", save_png)
+    rc, err = quietly(["--content", inputs.contents / "a.png", "--style", STYLE, inputs.contents / "a.png",
+                       "--config", inputs.config, "batch.pairs=2", "--output", inputs.output])
+    assert rc == 1, err
+    status = {j["output"]: j["status"] for j in json.loads((inputs.output / "index.json").read_text())["jobs"]}
+    assert status[written[0]] == "done" and sorted(status.values()) == ["done", "failed"], status
 
 
 def test_a_missing_face_detector_is_one_line_before_the_model_loads(inputs, monkeypatch, capsys):
