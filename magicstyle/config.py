@@ -25,7 +25,7 @@ from .hub import HubError, is_hub_ref, parse_ref
 
 DEFAULTS = ("configs", "magicstyle.yaml")  # (package, resource): the defaults, which fix the schema
 PATH_KEYS = (  # keys that hold file or folder paths
-    "model.weights", "model.vae", "model.hparams", "model.local_dir", "face.detector",
+    "model.weights", "model.vae", "model.hparams", "model.local_dir", "face.detector", "batch.cache",
 )
 NO_FILE = ("", "none", "null", "auto")  # not paths (model.vae: none -> the checkpoint's own VAE)
 
@@ -62,6 +62,13 @@ def load_config(
         cfg.model.vae = None
     validate(cfg)
     return cfg
+
+
+def one_minus(weight) -> float | None:
+    """The other weight of eq. 5 (alpha + beta = 1: ``--beta`` alone sets alpha, a swept beta too, the demo's slider),
+    when ``weight`` is a number in [0, 1]; else None, and validation names the weight that was given."""
+    ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0.0 <= weight <= 1.0
+    return round(1.0 - weight, 12) if ok else None
 
 
 def default_config() -> DictConfig:

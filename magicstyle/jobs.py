@@ -23,7 +23,7 @@ from PIL import Image
 
 from models.errors import first_line
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, one_minus
 from .images import ImageError, open_rgb
 from .output import OutputError
 
@@ -135,9 +135,8 @@ def follow(keys: dict[str, str], free: set[str]) -> dict[str, str]:
     alone does, unless the other is given (not in ``free``) or swept too."""
     for key, other in (("ffa.beta", "ffa.alpha"), ("ffa.alpha", "ffa.beta")):
         if other in free and key in keys and other not in keys:
-            value = typed_value(key, keys[key])
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
-                return {other: repr(round(1.0 - value, 12))}
+            if (value := one_minus(typed_value(key, keys[key]))) is not None:
+                return {other: repr(value)}
     return {}
 
 

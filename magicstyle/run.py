@@ -25,6 +25,7 @@ from models.errors import CheckpointError, MagicStyleError, first_line
 
 from . import batch, grid, jobs, pipeline, shard
 from .compiled import compile_report
+from .config import one_minus
 from .hub import fetch_all, quiet_hub
 from .output import WriteError, check_writable, write_atomic
 from .parameters import png_parameters
@@ -43,8 +44,7 @@ def config_overrides(args) -> dict:
     }
     if (args.alpha is None) != (args.beta is None):  # eq. 5 has alpha + beta = 1: one flag sets both
         given = args.alpha if args.alpha is not None else args.beta
-        if 0.0 <= given <= 1.0:
-            other = round(1.0 - given, 12)
+        if (other := one_minus(given)) is not None:
             flags["ffa"] = {"alpha": given, "beta": other} if args.alpha is not None else {"alpha": other, "beta": given}
 
     def prune(d: dict) -> dict:

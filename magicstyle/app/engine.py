@@ -27,7 +27,7 @@ from PIL import Image
 from faces.refine import plan_small_face
 from models.errors import MagicStyleError, first_line
 
-from ..config import ConfigError, validate
+from ..config import ConfigError, one_minus, validate
 from ..diagnostics import AttentionDiagnostics, heat_map
 from ..hub import fetch_all
 from ..images import ImageError, open_rgb, png_bytes, square, to_image, to_tensor
@@ -59,7 +59,7 @@ class Request:
     def overrides(self) -> dict:
         flags = {
             "steps": self.steps, "seed": self.seed,
-            "ffa": {"recipe": self.recipe, "beta": self.beta, "alpha": _one_minus(self.beta)},
+            "ffa": {"recipe": self.recipe, "beta": self.beta, "alpha": one_minus(self.beta)},
             "generation": {"guidance": self.guidance, "prompt": self.prompt},
             "store": {"mode": self.store_mode},
             "face": {"refine": self.face_refine},
@@ -192,12 +192,6 @@ class Demo:
         heat = Image.open(io.BytesIO(heat_map(attention, title=png.stem))) if attention else None
         face = face_info.get("face_refine") if cfg.face.refine else None
         return Result(image, png, heat, attention, seconds, rows, reused, face, parameters)
-
-
-def _one_minus(beta) -> float | None:
-    """alpha from beta (eq. 5: alpha + beta = 1), when beta is a number in [0, 1]; else the check names beta."""
-    ok = isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0.0 <= beta <= 1.0
-    return round(1.0 - beta, 12) if ok else None
 
 
 def _square_image(path: str | Path | None, name: str, size: int) -> Image.Image:
