@@ -262,12 +262,14 @@ def test_a_full_disk_or_a_failed_transfer_is_one_line(error, words, job, hub, no
 def test_relative_paths_in_a_config_file_are_relative_to_that_file(tmp_path, monkeypatch):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "run.yaml").write_text("model:\n  weights: ../w/model.safetensors\n  vae: none\n"
-                                               f"  local_dir: models\n  hparams: {TINY_WEIGHTS}\n")
+                                               f"  local_dir: models\n  hparams: {TINY_WEIGHTS}\n"
+                                               "batch:\n  cache: inversions\n")
     monkeypatch.chdir(tmp_path / "cfg")
     cfg = load_config(Path("run.yaml"), dotlist=[])
     assert cfg.model.weights == str(tmp_path / "cfg" / ".." / "w" / "model.safetensors")
     assert cfg.model.local_dir == str(tmp_path / "cfg" / "models") and cfg.model.vae is None
     assert cfg.model.hparams == str(TINY_WEIGHTS)  # absolute: unchanged
+    assert cfg.batch.cache == str(tmp_path / "cfg" / "inversions")
     elsewhere = tmp_path / "work"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
