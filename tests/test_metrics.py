@@ -455,3 +455,27 @@ def test_evaluate_cli_given_the_index_file(tmp_path, capsys):
     assert evaluate_cli.main([str(run / "index.json"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a file" in err and "run folder" in err, err
+
+
+@pytest.mark.parametrize("missing, one_line", [("scipy", True), ("scipy.linalg", True), ("magicstyle.typo", False)])
+def test_a_missing_eval_package_is_one_line_and_a_broken_import_is_not_hidden(missing, one_line, tmp_path,
+                                                                               monkeypatch, capsys):
+    import builtins
+    import sys
+
+    real = builtins.__import__
+
+    def fake(name, *args, **kwargs):
+        if name == "metrics":
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "metrics", raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake)
+    if one_line:
+        assert evaluate_cli.main([str(tmp_path), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "needs the [eval] extra" in err
+    else:
+        with pytest.raises(ModuleNotFoundError, match="magicstyle.typo"):
+            evaluate_cli.main([str(tmp_path), "--quiet"])
