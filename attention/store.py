@@ -7,17 +7,26 @@ That is the same arithmetic, with one tensor per image, layer and step instead o
 
 Two modes (``store.mode``):
 
-- ``memory``: CSDI's ``record`` recipe keeps h (N, tokens, C) per (layer, timestep) in ``dtype`` (float16 by default).
-- ``recompute``: CSDI keeps only the latents (N, 4, h, w) each UNet call saw per timestep (a few MB).  During FFF the
-  latents of the images the pairs use run through the UNet in the same batch as the generated rows, each image once
-  however many pairs use it, as the last rows, with plain attention; the recipes take h from those rows on the fly.
+- ``memory``: CSDI's ``record`` recipe keeps h (tokens, C) per image, layer and timestep in ``dtype`` (float16 by
+  default): ``features[(layer, t)]`` is a list with one tensor per image.
+- ``recompute``: CSDI keeps only the latent (4, h, w) each UNet call saw per image and timestep (a few MB):
+  ``latents[t]``, a list likewise.  During FFF the latents of the images the pairs use run through the UNet in the
+  same batch as the generated rows, each image once however many pairs use it, as the last rows, with plain
+  attention; the recipes take h from those rows on the fly.
+
+One tensor per image makes cutting and merging stores (``select``, ``cat``; ``Inversion.select`` and ``Inversion.cat``)
+free: they build new lists of the same tensors, so a batch run that merges each batch of content images with the
+style images it keeps holds the style features once, not once per batch.
 
 During FFF, ``pairs`` maps the generated rows to images: row i (and row i + P, the other guidance branch, when the
-batch holds both) is pair i = (content image, style image).  ``mix`` hands a recipe the features of each row's own
-content and style image: (1, N, C) when every row uses the same image (broadcast), else (B, N, C) row by row.
+batch holds both) is pair i = (content image, style image).  Only the images the pairs use are read
+(``reference_images``, each once), stacked per layer and step: (U, tokens, C).  ``mix`` hands a recipe the features
+of each row's own content and style image: (1, N, C) when every row uses the same image (broadcast), else (B, N, C)
+row by row.
 
 Compiled UNets (``model.compile``, magicstyle/compiled.py): the pipeline moves the store to a timestep with
-``step(t)``, which also sets ``on`` and ``current`` (the features of that step, by layer).  Inside a compiled UNet
+``step(t)``, which also sets ``on`` and ``current`` (the features of that step, by layer, stacked for the images the
+pairs use; a store that records, CSDI's, has no pairs and reads nothing).  Inside a compiled UNet
 the recipes read ``on`` and ``current`` instead of ``t``, and ``record`` puts its tensors in ``pending``, which the
 next ``step`` files under (layer, t) as copies: no timestep is a constant of the compiled graph (one graph serves
 every step), and nothing kept points into a CUDA graph's memory, which its next replay overwrites.
@@ -50,9 +59,11 @@ class FeatureStore:
     timesteps: set[int] | None = None  # CSDI: the timesteps recorded; FFF: those the recipe runs at.  None: all
     t: int | None = None  # the timestep of the UNet call in progress, set by the pipeline
     images: int = 2  # CSDI: how many images the batch holds (the last rows of each UNet batch)
-    features: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # memory: (path, t) -> (N, tokens, C)
-    latents: dict[int, torch.Tensor] = field(default_factory=dict)  # recompute: t -> (N, 4, h, w), float32
-    pairs: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1)])  # FFF: (content, style) image per row
+    # memory: (path, t) -> one (tokens, C) per image; recompute: t -> one (4, h, w) float32 per image
+    features: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
+    latents: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    pairs: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1)])  # FFF: (content, style) image per row; []
+    # while recording (CSDI)
     cfg_rows: str = "both"  # FFF under guidance: the recipe runs in both branches' rows, or only the conditional's
     observer: Observer | None = None  # FFF: diagnostics, if asked for
     _row_pairs: list[int] = field(default_factory=list, repr=False)  # pair of each row handed to the recipe
@@ -60,6 +71,7 @@ class FeatureStore:
     on: bool = field(default=False, init=False, repr=False, compare=False)
     current: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
     pending: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    compact: list[tuple[int, int]] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -79,14 +91,26 @@ class FeatureStore:
         """Move to timestep ``t`` (None: done) before a UNet call: keep what a compiled ``record`` left in
         ``pending`` (copied out of the graph's memory, in ``dtype``), then set ``on`` and ``current``."""
         for path, h in self.pending.items():
-            self.features[(path, self.t)] = h.to(self.dtype, copy=True)
+            self.features[(path, self.t)] = _per_image(h.to(self.dtype, copy=True))
         self.t, self.pending = t, {}
         self.on = self.active
-        self.current = {path: h for (path, s), h in self.features.items() if s == t} if self.on else {}
+        reads = self.on and self.pairs
+        self.current = {path: self._used(h) for (path, s), h in self.features.items() if s == t} if reads else {}
+        self.compact = self._compact() if reads else []
+
+    def _used(self, per_image: list[torch.Tensor]) -> torch.Tensor:
+        """One tensor per image -> those of the images the pairs use, stacked (U, ...) in ``reference_images`` order."""
+        return torch.stack([per_image[i] for i in self.reference_images])
+
+    def _compact(self) -> list[tuple[int, int]]:
+        """``pairs`` as indices into the images the pairs use (what ``_used`` stacks).  A compiled graph reads these,
+        not ``pairs``: the next batch of a grid (other images, the same pattern) replays the same graph."""
+        refs = self.reference_images
+        return [(refs.index(c), refs.index(s)) for c, s in self.pairs]
 
     def _features(self, path: str) -> torch.Tensor:
-        """The stored input of layer ``path`` at the current timestep, (N, tokens, C)."""
-        return self.current[path] if is_compiling() else self.features[(path, self.t)]
+        """The stored input of layer ``path`` at the current timestep for the images the pairs use, (U, tokens, C)."""
+        return self.current[path] if is_compiling() else self._used(self.features[(path, self.t)])
 
     # -- CSDI -------------------------------------------------------------------------------------------------------
     def record(self, path: str, x: torch.Tensor) -> None:
@@ -96,26 +120,27 @@ class FeatureStore:
         if is_compiling():  # filed under (path, t) and copied by the next ``step``
             self.pending[path] = x[-self.images:]
         else:  # a copy, not a view: a view of some rows would keep the whole batch's activation alive
-            self.features[(path, self.t)] = x[-self.images:].to(self.dtype, copy=True)
+            self.features[(path, self.t)] = _per_image(x[-self.images:].to(self.dtype, copy=True))
 
     def record_latents(self, x: torch.Tensor) -> None:
         """recompute mode: keep the latents (N, 4, h, w) the UNet sees at the current timestep (float32)."""
         if self.mode == "recompute" and self.active:
-            self.latents[self.t] = x.float()
+            self.latents[self.t] = _per_image(x.float())
 
     # -- cutting and merging (Inversion.select / Inversion.cat) -----------------------------------------------------
     def select(self, indices: Sequence[int]) -> FeatureStore:
-        """The store of the images ``indices`` (in that order), with copies of their features."""
-        index = torch.as_tensor(list(indices), dtype=torch.long)
+        """The store of the images ``indices`` (in that order): the same tensors, nothing copied."""
+        indices = list(indices)
         return replace(
-            self, t=None, images=len(index), pairs=[(0, 1)], observer=None,
-            features={k: v[index.to(v.device)] for k, v in self.features.items()},
-            latents={k: v[index.to(v.device)] for k, v in self.latents.items()},
+            self, t=None, images=len(indices), pairs=[], observer=None,
+            features={k: [v[i] for i in indices] for k, v in self.features.items()},
+            latents={k: [v[i] for i in indices] for k, v in self.latents.items()},
         )
 
     @staticmethod
     def cat(stores: Sequence[FeatureStore]) -> FeatureStore:
-        """The images of ``stores`` one after the other; they must hold the same mode, dtype, steps and layers."""
+        """The images of ``stores`` one after the other (the same tensors, nothing copied); they must hold the same
+        mode, dtype, steps and layers."""
         first = stores[0]
         for other in stores[1:]:
             if (other.mode, other.dtype, other.timesteps) != (first.mode, first.dtype, first.timesteps) or (
@@ -123,35 +148,36 @@ class FeatureStore:
             ):
                 raise ValueError("only inversions with the same store mode, dtype, steps and layers can be merged")
         return replace(
-            first, t=None, images=sum(s.images for s in stores), pairs=[(0, 1)], observer=None,
-            features={k: torch.cat([s.features[k] for s in stores]) for k in first.features},
-            latents={k: torch.cat([s.latents[k] for s in stores]) for k in first.latents},
+            first, t=None, images=sum(s.images for s in stores), pairs=[], observer=None,
+            features={k: [h for s in stores for h in s.features[k]] for k in first.features},
+            latents={k: [z for s in stores for z in s.latents[k]] for k in first.latents},
         )
 
     # -- FFF --------------------------------------------------------------------------------------------------------
     @property
     def reference_images(self) -> list[int]:
-        """recompute mode: the images the pairs use, each once, in the order of the reference rows."""
+        """The images the pairs use, each once, in index order: the order of the stacked features (memory mode) and
+        of the reference rows (recompute mode)."""
         return sorted({i for pair in self.pairs for i in pair})
 
     def reference_rows(self) -> torch.Tensor | None:
         """recompute mode: the latents of the images the pairs use, to append to the UNet batch at this timestep."""
         if self.mode != "recompute" or not self.active:
             return None
-        return self.latents[self.t][self.reference_images]
+        return self._used(self.latents[self.t])
 
     def mix(self, layer, x: torch.Tensor, mix: Mix) -> torch.Tensor:
         """Run ``mix`` on the generated rows of ``x`` with each row's own h^C and h^S at the current timestep."""
         if not self.active:
             return plain(layer, x)
+        compact = self.compact if is_compiling() else self._compact()  # h holds the images the pairs use, once each
         if self.mode == "memory":
             generated, h = x, self._features(layer.path)
-            content, style = zip(*self.pairs)
         else:  # the last rows are the reference images (see ``reference_rows``)
-            refs = self.reference_images
-            generated, h = x[: -len(refs)], x[-len(refs):]
-            content, style = zip(*[(refs.index(c), refs.index(s)) for c, s in self.pairs])
-        P, B = len(self.pairs), generated.shape[0]
+            used = 1 + max(max(pair) for pair in compact)
+            generated, h = x[:-used], x[-used:]
+        content, style = zip(*compact)
+        P, B = len(compact), generated.shape[0]
         branches = B // P  # 2 under guidance: rows [uncond pairs..., cond pairs...]
         skip = P if self.cfg_rows == "cond" and branches == 2 else 0  # unconditional rows that keep plain attention
         rows = range(skip, B)
@@ -171,12 +197,17 @@ class FeatureStore:
 
     @property
     def nbytes(self) -> int:
-        tensors = list(self.features.values()) + list(self.latents.values())
+        tensors = [t for per_image in (*self.features.values(), *self.latents.values()) for t in per_image]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _per_image(batch: torch.Tensor) -> list[torch.Tensor]:
+    """(N, ...) -> N tensors (...), views of the batch (kept together as long as any of them is)."""
+    return list(batch.unbind(0))
+
+
 def _rows(h: torch.Tensor, content: list[int], style: list[int], dtype: torch.dtype):
-    """h (N, tokens, C) -> (h_c, h_s), each (1, tokens, C) when all rows share the image, else (B, tokens, C)."""
+    """h (U, tokens, C) -> (h_c, h_s), each (1, tokens, C) when all rows share the image, else (B, tokens, C)."""
     if len(set(content)) == 1 and len(set(style)) == 1:
         return h[content[0]: content[0] + 1].to(dtype), h[style[0]: style[0] + 1].to(dtype)
     index = torch.tensor(content + style, device=h.device)

@@ -158,6 +158,7 @@ def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = Fa
             mine = [j for j in group if j.content.path in chunk]
             fresh = [c for c in chunk if c not in known]  # a content that is also a style is inverted once
             try:
+                # the same tensors, not copies (attention/store.py): the kept style features are held once
                 inv = pipeline.Inversion.cat([invert(run, fresh, cfg, k), kept]) if fresh else kept
             except Exception as e:  # noqa: BLE001
                 fail(mine, e)

@@ -61,9 +61,9 @@ def encode(inv: Inversion, image: str = "", key: str = "") -> bytes:
     """One image's inversion -> the bytes of a cache entry (a safetensors file) for image hash ``image``, ``key``."""
     store = inv.store
     tensors = {"z_T": inv.z_T, "context": inv.context}
-    tensors.update({f"latents/{t}": v for t, v in store.latents.items()})
+    tensors.update({f"latents/{t}": torch.stack(v) for t, v in store.latents.items()})  # (N, ...) per key
     names = sorted(store.features)
-    tensors.update({f"features/{i}": store.features[k] for i, k in enumerate(names)})
+    tensors.update({f"features/{i}": torch.stack(store.features[k]) for i, k in enumerate(names)})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     inversion = {"timesteps": inv.timesteps, "layers": inv.layers, "mode": store.mode,
                  "dtype": next(k for k, v in DTYPES.items() if v == store.dtype),
@@ -94,10 +94,10 @@ def decode(data: bytes, device: torch.device, image: str | None = None, key: str
     info = json.loads(meta["inversion"])
     tensors = {k: v.to(device) for k, v in tensors.items()}
     store = FeatureStore(
-        mode=info["mode"], dtype=DTYPES[info["dtype"]], images=tensors["z_T"].shape[0],
+        mode=info["mode"], dtype=DTYPES[info["dtype"]], images=tensors["z_T"].shape[0], pairs=[],
         timesteps=None if info["recorded"] is None else set(info["recorded"]),
-        features={tuple(k): tensors[f"features/{i}"] for i, k in enumerate(info["features"])},
-        latents={int(k.split("/")[1]): v for k, v in tensors.items() if k.startswith("latents/")},
+        features={tuple(k): list(tensors[f"features/{i}"].unbind(0)) for i, k in enumerate(info["features"])},
+        latents={int(k.split("/")[1]): list(v.unbind(0)) for k, v in tensors.items() if k.startswith("latents/")},
     )
     return Inversion(tensors["z_T"], info["timesteps"], info["layers"], store, tensors["context"])
 

@@ -89,7 +89,7 @@ class Inversion:
         return self.z_T.shape[0]
 
     def select(self, indices: Sequence[int]) -> Inversion:
-        """The inversion of the images ``indices`` only, in that order (copies: the rest can be freed)."""
+        """The inversion of the images ``indices`` only, in that order (the same feature tensors, nothing copied)."""
         indices = list(indices)
         if not indices or any(not 0 <= i < len(self) for i in indices):
             raise IndexError(f"image indices must lie in [0, {len(self)}), not {indices}")
@@ -97,7 +97,8 @@ class Inversion:
 
     @classmethod
     def cat(cls, inversions: Sequence[Inversion]) -> Inversion:
-        """The images of ``inversions`` one after the other, e.g. to run pairs across images inverted separately."""
+        """The images of ``inversions`` one after the other, e.g. to run pairs across images inverted separately (the
+        same feature tensors, nothing copied)."""
         first = inversions[0]
         for other in inversions[1:]:
             same = (other.timesteps, other.layers, other.store.mode, other.store.dtype, other.store.timesteps) == (
@@ -160,7 +161,7 @@ def csdi(
     all_layers = select_layers(sd.unet, "all")
     layers = select_layers(sd.unet, cfg.ffa.layers) if memory else all_layers
     store = FeatureStore(
-        mode=cfg.store.mode, dtype=DTYPES[cfg.store.dtype], images=z0.shape[0],
+        mode=cfg.store.mode, dtype=DTYPES[cfg.store.dtype], images=z0.shape[0], pairs=[],  # recording: no pairs
         timesteps=ffa_timesteps(timesteps, cfg.ffa.timesteps) if memory else set(timesteps),
     )
     context, uncond = encode_text(sd, [cfg.inversion.prompt, ""], cfg.model.clip_layer).chunk(2)

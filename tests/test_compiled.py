@@ -54,19 +54,22 @@ def test_model_compile_attaches_a_runner_only_when_on():
 def test_store_steps_file_pending_features_as_copies():
     """What a compiled ``record`` leaves in ``pending`` is kept under (layer, t) by the next step, as a copy in the
     store's dtype; ``current`` holds the step's features for the recipes; no timestep is read inside the graph."""
-    store = FeatureStore(dtype=torch.float16, images=1, timesteps={11, 21})
+    store = FeatureStore(dtype=torch.float16, images=1, timesteps={11, 21}, pairs=[(0, 0)])
     store.step(21)
     assert store.on and store.current == {}
     x = torch.randn(2, 3, 4)
     store.pending["a"] = x[-1:]  # what record does inside a compiled UNet
     store.step(11)
-    kept = store.features[("a", 21)]
-    assert kept.dtype == torch.float16 and kept.data_ptr() != x.data_ptr() and torch.equal(kept, x[-1:].half())
+    [kept] = store.features[("a", 21)]  # one tensor per image
+    assert kept.dtype == torch.float16 and kept.data_ptr() != x.data_ptr() and torch.equal(kept, x[-1].half())
     assert store.on and store.current == {} and store.pending == {}
     store.step(1)  # not a recorded step
     assert not store.on and store.current == {}
     store.step(21)
-    assert store.current == {"a": kept}
+    assert store.current.keys() == {"a"} and torch.equal(store.current["a"], kept[None])  # (images used, tokens, C)
+    store.pairs = []  # a store that records (CSDI's) reads nothing
+    store.step(21)
+    assert store.on and store.current == {}
     store.step(None)
     assert not store.on and store.t is None
 
@@ -107,6 +110,28 @@ def test_csdi_and_fff_traced_give_the_eager_result_without_recompiling(mini):
         for key, h in inversion.store.features.items():
             torch.testing.assert_close(traced_inversion.store.features[key], h, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+    finally:
+        sd.unet.__dict__.pop("compiled")
+
+
+def test_another_batch_of_the_same_pattern_replays_the_fff_graph(mini):
+    """A grid runs FFF batch after batch with other images in the same pattern (pairs (0, 2), then (1, 3)): the
+    graph reads the pairs as indices into the images they use, so the second batch needs no new graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    sd, z0 = mini
+    z4 = torch.cat([z0, z0.flip(-1)])  # 4 images
+    cfg = load_config(None, {**TINY, "ffa": {"layers": "all"}})
+    set_prepack(sd.unet, False)
+    inversion = csdi(sd, z4, cfg)
+    eager = [fff(sd, inversion, cfg, pairs=pairs) for pairs in ([(0, 2)], [(1, 3)])]
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_unet(sd.unet, backend=counter, fullgraph=True)
+    try:
+        traced = [fff(sd, inversion, cfg, pairs=pairs) for pairs in ([(0, 2)], [(1, 3)])]
+        assert counter.frame_count == 1, f"{counter.frame_count} graphs"
+        for a, b in zip(traced, eager):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     finally:
         sd.unet.__dict__.pop("compiled")
 
