@@ -81,15 +81,18 @@ class RunProgress(Progress):
 
     def __init__(self, others: list[Path], total: int, **kwargs):
         super().__init__(**kwargs)
-        self.others, self.run_total = others, total
+        self.others, self.run_total = list(others), total  # the other ranks' outputs not seen yet
         self.phase, self.total, self.start = "jobs", total, time.perf_counter()  # a rank 0 without jobs: ``finish``
-        self.shown = 0
+        self.shown = self.others_done = 0
 
     def begin(self, phase: str, total: int) -> None:
         super().begin(phase, self.run_total)
 
     def update(self, done: int) -> None:
-        self.shown = min(done + sum(path.exists() for path in self.others), self.total)
+        missing = [path for path in self.others if not path.exists()]  # an output seen once is not looked for again
+        self.others_done += len(self.others) - len(missing)
+        self.others = missing
+        self.shown = min(done + self.others_done, self.total)
         super().update(self.shown)
 
     def finish(self) -> None:

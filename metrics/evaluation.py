@@ -148,8 +148,7 @@ def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[
     kinds = list(dict.fromkeys(k for k, m in (("clip", "clip"), ("dino", "dino"), ("face", "face"),
                                               ("inception", "fid"), (art, "styleid"), ("lpips", "styleid"))
                                if m in metrics))
-    for kind in kinds:
-        features.model_files(kind, cfg)  # a missing model file fails here, before anything is embedded
+    models = {kind: features.model_files(kind, cfg) for kind in kinds}  # a missing one fails before any work
     # the pipeline's rule (cuda asked for without a GPU is a one-line error); auto: CUDA, else CPU (not MPS here)
     device = resolve_device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                             "cpu" if cfg.device == "auto" else cfg.device)
@@ -175,13 +174,13 @@ def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[
     image = {(id(j), key): digest[str(run_dir / j[key] if key == "output" else Path(j[key]))]
              for j in jobs for key in ("content", "style", "output")}
     cache_dir = run_dir / "eval" / "cache"
-    feats = {kind: features.compute(kind, files, cfg, device, cache_dir, progress)
+    feats = {kind: features.compute(kind, files, models[kind], cfg, device, cache_dir, progress)
              for kind in kinds if kind != "lpips"}
     lpips = {}
     if "lpips" in kinds:
         pairs = {image[id(j), "output"] + image[id(j), "content"]: (files[image[id(j), "output"]],
                                                                     files[image[id(j), "content"]]) for j in jobs}
-        lpips = features.compute_lpips(pairs, cfg, device, cache_dir, progress)
+        lpips = features.compute_lpips(pairs, models["lpips"], cfg, device, cache_dir, progress)
 
     rows = []
     for s, setting in enumerate(index["settings"]):

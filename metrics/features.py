@@ -4,7 +4,7 @@
     dino       DINO ViT-S/16 CLS token (timm), unit length              DINO   = cosine
     face       ArcFace embedding of the largest SCRFD face, unit length, or NaN when no face is found
     inception  FID Inception-v3 pool3 (2048)                            FID
-    artfid     the same on ArtFID's Inception weights (or FID's when none are given)
+    artfid     the same on ArtFID's Inception weights (``evaluate`` uses FID's features when none are given)
 """
 from __future__ import annotations
 
@@ -133,50 +133,44 @@ def check_name(kind: str, cfg: DictConfig) -> None:
                           f"{library.__name__}.list_models()); configs/eval.yaml has {default}")
 
 
+# The models.* entries each feature kind needs, in the order its loader takes them
+ENTRIES = {"clip": ("clip",), "dino": ("dino",), "face": ("scrfd", "arcface"), "inception": ("fid_inception",),
+           "artfid": ("artfid_inception",), "lpips": ("lpips_alexnet", "lpips_linear")}
+
+
 def model_files(kind: str, cfg: DictConfig) -> list[Path]:
     """The checked model files of a feature kind (missing file: one-line ``FaceModelError``), and for CLIP and DINO
-    the model's name."""
-    m = cfg.models
+    the model's name.  ``evaluate`` resolves them once, before any work, and hands them to ``compute``."""
     if kind in ("clip", "dino"):
         check_name(kind, cfg)
-        return [require_file(None, kind, cfg)]
-    if kind == "face":
-        return [require_file(None, "scrfd", cfg), require_file(None, "arcface", cfg)]
-    if kind == "inception":
-        return [require_file(None, "fid_inception", cfg)]
-    if kind == "artfid":
-        return [require_file(None, "artfid_inception" if m.artfid_inception.file else "fid_inception", cfg)]
-    if kind == "lpips":
-        return [require_file(None, "lpips_alexnet", cfg), require_file(None, "lpips_linear", cfg)]
-    raise ValueError(kind)
+    return [require_file(None, entry, cfg) for entry in ENTRIES[kind]]
 
 
-def embedder(kind: str, cfg: DictConfig, device: torch.device) -> Embedder:
-    files = model_files(kind, cfg)
+def embedder(kind: str, cfg: DictConfig, files: list[Path], device: torch.device) -> Embedder:
     if kind == "clip":
         return clip_embedder(cfg.models.clip, files[0], device)
     if kind == "dino":
         return dino_embedder(cfg.models.dino, files[0], device)
     if kind == "face":
         return face_embedder(*files)
-    art = kind == "artfid" and cfg.models.artfid_inception.file
-    return inception_embedder(files[0], device, "artfid_inception" if art else "fid_inception")
+    return inception_embedder(files[0], device, *ENTRIES[kind])
 
 
-def cache_name(kind: str, cfg: DictConfig) -> str:
+def cache_name(kind: str, cfg: DictConfig, files: list[Path]) -> str:
     """One cache per feature kind and model (name and file), so that another model never reads stale vectors."""
-    files = "-".join(p.stem for p in model_files(kind, cfg))
+    stems = "-".join(p.stem for p in files)
     name = cfg.models.get(kind, {}).get("name", "") if kind in ("clip", "dino") else ""
-    return f"{kind}-{name}-{files}.npz".replace("/", "_")
+    return f"{kind}-{name}-{stems}.npz".replace("/", "_")
 
 
-def compute(kind: str, images: dict[str, Path], cfg: DictConfig, device: torch.device, cache_dir: Path,
-            progress=None) -> dict[str, np.ndarray]:
-    """Features of ``images`` (digest -> file) for ``kind``; only images missing from the cache are embedded."""
-    cache = FeatureCache(cache_dir / cache_name(kind, cfg))
+def compute(kind: str, images: dict[str, Path], files: list[Path], cfg: DictConfig, device: torch.device,
+            cache_dir: Path, progress=None) -> dict[str, np.ndarray]:
+    """Features of ``images`` (digest -> file) for ``kind`` with its model ``files`` (``model_files``); only images
+    missing from the cache are embedded."""
+    cache = FeatureCache(cache_dir / cache_name(kind, cfg, files))
     todo = [d for d in images if d not in cache.items]
     if todo:
-        embed = embedder(kind, cfg, device)
+        embed = embedder(kind, cfg, files, device)
         if progress:
             progress.begin(kind, len(todo))
         for i, digest in enumerate(todo):
@@ -187,18 +181,18 @@ def compute(kind: str, images: dict[str, Path], cfg: DictConfig, device: torch.d
     return {d: cache.items[d] for d in images}
 
 
-def compute_lpips(pairs: dict[str, tuple[Path, Path]], cfg: DictConfig, device: torch.device, cache_dir: Path,
-                  progress=None) -> dict[str, float]:
+def compute_lpips(pairs: dict[str, tuple[Path, Path]], files: list[Path], cfg: DictConfig, device: torch.device,
+                  cache_dir: Path, progress=None) -> dict[str, float]:
     """LPIPS of (output, content) pairs, keyed ``output digest + content digest``.  The content is brought to the
     output's size as the pipeline does (shorter side resized, centre crop)."""
     from magicstyle.images import square, to_tensor
 
     from .lpips import load_lpips
 
-    cache = FeatureCache(cache_dir / cache_name("lpips", cfg))
+    cache = FeatureCache(cache_dir / cache_name("lpips", cfg, files))
     todo = [k for k in pairs if k not in cache.items]
     if todo:
-        model = load_lpips(*model_files("lpips", cfg)).to(device)
+        model = load_lpips(*files).to(device)
         if progress:
             progress.begin("lpips", len(todo))
         for i, key in enumerate(todo):

@@ -203,12 +203,31 @@ def test_evaluate_writes_table_csv_and_plot(tmp_path, models, monkeypatch):
     (run / "index.json").write_text(json.dumps(index))
     embedded = []
     real = features_module.embedder
-    monkeypatch.setattr(features_module, "embedder", lambda kind, cfg, device: (
-        lambda img: (embedded.append(kind), real(kind, cfg, device)(img))[1]))
+    monkeypatch.setattr(features_module, "embedder", lambda kind, cfg, files, device: (
+        lambda img: (embedded.append(kind), real(kind, cfg, files, device)(img))[1]))
     run_evaluation(run, dotlist=models, overwrite=True)
     assert sorted(embedded) == ["clip", "dino", "face", "inception"]
     rows = list(csv.DictReader(paths["csv"].open()))
     assert rows[0]["n"] == "5" and rows[0]["not_done"] == "0"
+
+
+def test_artfid_uses_its_own_inception_weights_when_given(tmp_path, models, monkeypatch):
+    """Without ``models.artfid_inception.file`` FID (ArtFID) reuses FID's features; with it, the style FID is
+    computed again on those weights (here a link to FID's file under ArtFID's name: the same figure, its own cache)."""
+    import metrics.evaluation
+
+    monkeypatch.setattr(metrics.evaluation, "fid_between", lambda a, b: fid_between(a[:, :16], b[:, :16]))
+    run = make_run(tmp_path / "run")
+    fid_file = next(o.split("=", 1)[1] for o in models if o.startswith("models.fid_inception.file="))
+    (tmp_path / "art_inception.pth").symlink_to(fid_file)
+    paths = run_evaluation(run, dotlist=models + ["metrics=[styleid,fid]"])
+    cache = run / "eval" / "cache"
+    assert not [p.name for p in cache.iterdir() if p.name.startswith("artfid")]
+    given = [f"models.artfid_inception.file={tmp_path / 'art_inception.pth'}", "models.artfid_inception.sha256=null"]
+    run_evaluation(run, dotlist=models + ["metrics=[styleid,fid]"] + given, overwrite=True)
+    assert [p.name for p in cache.iterdir() if p.name.startswith("artfid")] == ["artfid--art_inception.npz"]
+    for r in csv.DictReader(paths["csv"].open()):
+        assert float(r["fid_art"]) == pytest.approx(float(r["fid_style"]), rel=1e-6), r
 
 
 def test_sweep_lines_join_settings_that_differ_in_beta_only():
@@ -364,7 +383,8 @@ def test_evaluate_rebuilds_a_damaged_feature_cache(tmp_path, models, capsys, cac
     from metrics import load_eval_config
 
     run = make_run(tmp_path / "run")
-    path = run / "eval" / "cache" / features_module.cache_name("clip", load_eval_config(dotlist=models))
+    cfg = load_eval_config(dotlist=models)
+    path = run / "eval" / "cache" / features_module.cache_name("clip", cfg, features_module.model_files("clip", cfg))
     path.parent.mkdir(parents=True)
     path.write_bytes(cache)
     assert evaluate_cli.main([str(run), "--quiet", "--metrics", "clip", *models]) == 0, capsys.readouterr().err

@@ -137,5 +137,9 @@ def test_rank_0_draws_one_bar_for_the_whole_run(tmp_path):
     bar.begin("jobs", 1)  # run_jobs begins it with rank 0's own share ...
     bar.update(1)  # ... and counts its own jobs; the bar adds the other ranks' finished outputs
     assert stream.getvalue().split("\r")[-1].startswith("jobs        2/4")
+    assert bar.others == [others[1]]  # an output seen once is not looked for again (a big grid: jobs x updates)
+    others[1].write_bytes(b"finished by rank 2")
+    bar.update(1)
+    assert stream.getvalue().split("\r")[-1].startswith("jobs        3/4") and bar.others == []
     bar.finish()
     assert stream.getvalue().split("\r")[-1].startswith("jobs        4/4") and stream.getvalue().endswith("\n")
