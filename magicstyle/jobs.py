@@ -224,15 +224,17 @@ def make_jobs(contents: list[Source], styles: list[Source], settings: list[Setti
 # The config keys (and sections) that do not change a job's image, which resume does not compare: where and how the
 # same arithmetic runs (device, torch.compile, the CPU kernels and whether a bfloat16 model computes in float32 there:
 # like the device, they change rounding, not the method; the store's memory/recompute trade, pairs per batch, the
-# inversion cache), where model files are looked up (the weights are compared by name), and the diagnostics written
-# beside the PNG.  model.dtype, model.vae_dtype and store.dtype change the numbers and are compared.
+# inversion cache), where model files are looked up, and the diagnostics written beside the PNG.  model.dtype,
+# model.vae_dtype and store.dtype change the numbers and are compared.  The checkpoint and the VAE are compared by
+# what the PNG records of the files themselves (``BY_FILE``), not by the path or hub reference that named them.
 UNCOMPARED = ("batch", "diagnostics", "model.device", "model.compile", "model.prepack", "model.attention",
               "model.cpu_compute", "model.local_dir", "store.mode")
+BY_FILE = ("model.weights", "model.vae")
 
 
 def compared(key: str) -> bool:
     """Whether resume compares the dotted config ``key`` (see ``UNCOMPARED``)."""
-    return not any(key == k or key.startswith(k + ".") for k in UNCOMPARED)
+    return not any(key == k or key.startswith(k + ".") for k in UNCOMPARED + BY_FILE)
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -242,14 +244,25 @@ def flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resumable(path: Path, cfg: DictConfig) -> None:
-    """An existing output is skipped only when it is this job's: same configuration in its ``parameters`` chunk
-    (``OutputError`` otherwise, so that a changed option never leaves old images in a new run)."""
+def check_resumable(path: Path, cfg: DictConfig, files: dict[str, Path]) -> None:
+    """An existing output is skipped only when it is this job's: same configuration in its ``parameters`` chunk and
+    the same checkpoint (its SHA-256) and VAE (its name) as the run's model ``files`` (``OutputError`` otherwise, so
+    that a changed option or checkpoint never leaves old images in a new run)."""
+    from .filehash import short_sha256  # hashed once per checkpoint file, then cached
+
     try:
         with Image.open(path) as img:
-            made = flat(json.loads(img.text["parameters"])["config"])
+            parameters = json.loads(img.text["parameters"])
+        made = flat(parameters["config"])
     except Exception:  # noqa: BLE001 - not a PNG, or not ours
         raise OutputError(f"{path} exists and is not a MagicStyle output; move it, or choose another --output") from None
+    weights, vae = Path(files["model.weights"]), files.get("model.vae")
+    for what, had, have in (("checkpoint", parameters.get("checkpoint_sha256"), short_sha256(weights)),
+                            ("VAE", parameters.get("vae"), Path(vae).name if vae else None)):
+        if had != have:
+            made_from = parameters.get("checkpoint") if what == "checkpoint" else "its file"
+            raise OutputError(f"{path} exists but was made with another {what} ({made_from}: {had}, not {have}); pass "
+                              "--overwrite to redo the run's jobs, or choose another --output")
     want = flat(OmegaConf.to_container(cfg, resolve=True))
     keys = [k for k in sorted(made.keys() | want.keys()) if compared(k)]
     if not (made.get("inversion.sample_posterior") or want.get("inversion.sample_posterior")):

@@ -104,10 +104,14 @@ class Run:
                 self.log(f"note: {src.path.name} is {src.size[0]}x{src.size[1]}; it is resized and centre-cropped "
                          f"to {cfg.size}x{cfg.size}")
 
+    @property
+    def files(self) -> dict[str, Path]:
+        """The run's model files, as ``magicstyle.hub.fetch_all`` resolved them."""
+        return {"model.weights": self.weights, **({"model.vae": self.vae} if self.vae else {})}
+
     def parameters(self, cfg: DictConfig, content: Path, style: Path) -> str:
         """The PNG's ``parameters`` chunk (``magicstyle.parameters``, shared with the web demo)."""
-        files = {"model.weights": self.weights, **({"model.vae": self.vae} if self.vae else {})}
-        return png_parameters(cfg, files, content.name, style.name)
+        return png_parameters(cfg, self.files, content.name, style.name)
 
     def report(self, extra: dict | None = None) -> dict:
         data = {"seconds": {**self.seconds, **compile_report()},
@@ -225,7 +229,7 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
     exists = [(folder / j.output).exists() and not state.args.overwrite for j in todo]
     for job, skip in zip(todo, exists):  # on every rank: an error stops them all before anything is written
         if skip:
-            jobs.check_resumable(folder / job.output, settings[job.setting].cfg)
+            jobs.check_resumable(folder / job.output, settings[job.setting].cfg, state.files)
     exists = shard.agree(exists)  # rank 0's view: what another rank writes later does not count
     for job, skip in zip(todo, exists):
         job.status = "skipped" if skip and job.status == "pending" else job.status

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shlex
 from types import SimpleNamespace
@@ -213,6 +214,29 @@ def test_resume_compares_the_seed_when_it_draws_the_posterior_sample(stub, input
     assert cli([*argv, "--seed", "7"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "seed=0, not 7" in err, err
+
+
+def test_resume_compares_the_checkpoint_by_its_hash_not_its_path(stub, inputs, capsys):
+    """The same checkpoint under another name resumes; another checkpoint at the same path stops the run in one line
+    (the PNG records the file's SHA-256)."""
+    import shutil
+
+    from conftest import TINY_WEIGHTS
+
+    argv = ["--content", inputs.contents, "--style", STYLE, "--config", inputs.config, "--output", inputs.output,
+            "--quiet"]
+    assert cli(argv) == 0
+    copy = inputs.tmp / "renamed.safetensors"
+    shutil.copyfile(TINY_WEIGHTS, copy)
+    assert cli([*argv, "--weights", copy]) == 0, capsys.readouterr().err
+    assert [j["status"] for j in json.loads((inputs.output / "index.json").read_text())["jobs"]] == ["skipped"] * 2
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 1  # a weight of the last tensor: another checkpoint, same path, same size
+    copy.write_bytes(bytes(data))
+    os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns + 10**9))  # even where mtime ticks coarsely
+    assert cli([*argv, "--weights", copy]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "made with another checkpoint (sd15_tiny_random.safetensors" in err, err
 
 
 def test_a_job_that_shares_nothing_runs_through_stylize(stub, inputs, monkeypatch):
