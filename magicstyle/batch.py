@@ -9,13 +9,15 @@ image's inversion is read from the cache when it is there and written to it when
 """
 from __future__ import annotations
 
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from models.errors import first_line
+from models.errors import MagicStyleError, first_line
 
 from . import cache, pipeline
 from .images import save_png, to_image
@@ -28,6 +30,22 @@ MAX_AUTO_PAIRS = 16  # 32 UNet rows: past the launch-bound regime, a larger batc
 UNET_BYTES_PER_TOKEN = 24576  # one UNet row's activations per latent token and byte of dtype (bench/README.md: peak
 # RSS grows by 0.18 GiB per row of batch at 64x64 in bfloat16 on the CPU; not measured on a GPU)
 VAE_BYTES_PER_PIXEL = 768  # the VAE decoder's working set per output pixel and byte of dtype (estimate)
+
+
+OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)  # (torch.OutOfMemoryError since torch 2.5: the same class)
+
+
+def runtime_failure(e: Exception) -> str | None:
+    """One line for a run that failed at run time (out of memory, an operating-system error such as a file that
+    cannot be read), naming what failed and what to do; None for any other exception (a bug)."""
+    if isinstance(e, OUT_OF_MEMORY) or (isinstance(e, RuntimeError) and "out of memory" in str(e)):  # MPS's
+        said = ". ".join(first_line(e).split(". ")[:2])  # CUDA's: what it tried to allocate; not the totals after
+        return (f"out of memory ({said}); try a smaller --size, --dtype float16 or bfloat16, store.mode=recompute, "
+                "batch.pairs=1 or another --device (finished outputs are kept, nothing half-written)")
+    if isinstance(e, OSError):
+        return (f"{first_line(e, typed=True)}; check that file and the free space, then run again (finished outputs "
+                "are kept, nothing half-written)")
+    return None
 
 
 def device_of(sd) -> torch.device:
@@ -118,13 +136,23 @@ def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = Fa
     run.phases = Progress(enabled=not run.quiet) if len(todo) == 1 else None  # one job: a bar per phase
     finished = 0
 
+    bugs = 0
+
     def fail(jobs: list, e: Exception) -> None:
-        nonlocal finished
+        """Record the failure on the jobs not yet written.  A bug (not bad input, not a failure at run time such as
+        out of memory) is recorded too, so that the other jobs still run, and its traceback printed, once a run."""
+        nonlocal finished, bugs
         if strict:
             raise e
+        message = first_line(e, typed=True)
+        if not isinstance(e, MagicStyleError) and runtime_failure(e) is None:
+            if not bugs:
+                traceback.print_exception(e, file=sys.stderr)
+            bugs += 1
+            message += " (a bug: its traceback is printed with the run's first; please report it)"
         for job in jobs:
             if job.status != "done":
-                job.fail(first_line(e, typed=True))
+                job.fail(message)
         finished += len(jobs)
         progress.update(finished)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from models.errors import CheckpointError, MagicStyleError, first_line
+from models.errors import CheckpointError, MagicStyleError
 
 from . import batch, grid, jobs, pipeline, shard
 from .compiled import compile_report
@@ -32,7 +32,6 @@ from .parameters import png_parameters
 from .progress import Progress
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)  # (torch.OutOfMemoryError since torch 2.5: the same class)
 
 
 def config_overrides(args) -> dict:
@@ -142,23 +141,10 @@ def run(args) -> int:
         sys.stderr.write("interrupted; finished outputs are kept, nothing half-written (run again to resume)\n")
         return EXIT_INTERRUPTED
     except Exception as e:
-        if (line := runtime_failure(e)) is None:
+        if (line := batch.runtime_failure(e)) is None:
             raise  # a bug: its traceback
         sys.stderr.write(f"error: {line}\n")
         return EXIT_FAILED
-
-
-def runtime_failure(e: Exception) -> str | None:
-    """One line for a run that failed at run time (out of memory, an operating-system error such as a file that
-    cannot be read), naming what failed and what to do; None for any other exception (a bug)."""
-    if isinstance(e, OUT_OF_MEMORY) or (isinstance(e, RuntimeError) and "out of memory" in str(e)):  # MPS's
-        said = ". ".join(first_line(e).split(". ")[:2])  # CUDA's: what it tried to allocate; not the totals after
-        return (f"out of memory ({said}); try a smaller --size, --dtype float16 or bfloat16, store.mode=recompute, "
-                "batch.pairs=1 or another --device (finished outputs are kept, nothing half-written)")
-    if isinstance(e, OSError):
-        return (f"{first_line(e, typed=True)}; check that file and the free space, then run again (finished outputs "
-                "are kept, nothing half-written)")
-    return None
 
 
 def _run(args) -> int:

@@ -190,6 +190,26 @@ def test_a_failed_job_is_recorded_and_the_others_run(stub, inputs, monkeypatch):
         "a_ihc_ffa.beta=0.png", "b_ihc_ffa.beta=0.png", "grid.png", "index.json"]
 
 
+def test_a_bug_in_a_job_of_many_is_recorded_with_its_traceback_printed_once(stub, inputs, monkeypatch):
+    """A bug (here a TypeError) is not bad input: the jobs it hits are failed and say so, the others run, and its
+    traceback is printed once, however many jobs it hits."""
+    real_fff = pipeline.fff
+
+    def fff(sd, inv, cfg, pairs, **kwargs):
+        if cfg.ffa.beta == 1:
+            raise TypeError("unsupported operand type(s)")
+        return real_fff(sd, inv, cfg, pairs, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fff", fff)
+    rc, err = quietly(["--content", inputs.contents, "--style", STYLE, "--config", inputs.config,
+                       "--sweep", "ffa.beta=0,1", "--output", inputs.output])
+    assert rc == 1
+    jobs = json.loads((inputs.output / "index.json").read_text())["jobs"]
+    assert [j["status"] for j in jobs] == ["done", "failed"] * 2
+    assert jobs[1]["error"].startswith("TypeError: unsupported operand type(s) (a bug: its traceback is printed")
+    assert err.count("Traceback (most recent call last)") == 1 and "in fff" in err, err
+
+
 def test_resume_ignores_the_keys_that_do_not_change_the_image(stub, inputs, monkeypatch, capsys):
     """A grid started with --device auto resumes with --device cpu, another compile/kernel/store-mode/batch choice;
     a key that changes the numbers (--dtype) still stops it in one line."""
