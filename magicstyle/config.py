@@ -185,6 +185,8 @@ def validate(cfg: DictConfig) -> None:
           f"batch.pairs must be auto or a number of pairs >= 1, not {pairs!r}")
     check(cfg.batch.cache is None or (isinstance(cfg.batch.cache, str) and cfg.batch.cache != ""),
           "batch.cache must be a folder path or null")
+    check(not cfg.batch.cache or not Path(cfg.batch.cache).expanduser().is_file(),
+          f"batch.cache {cfg.batch.cache} is a file; give a folder (it is made when missing)")
     diagnostics_region(cfg)
 
 

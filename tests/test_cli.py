@@ -324,6 +324,8 @@ ERRORS = [  # id, argv (may create files), words the message must contain, wheth
     ("existing report", lambda t: argv(t, "--report", existing(t.tmp / "out" / "r.json")), ["r.json", "--overwrite"]),
     ("output is a folder", lambda t: argv(t, "--overwrite", output=existing(t.output / "x").parent),
      ["result.png", "folder"]),
+    ("batch.cache is a file", lambda t: argv(t, f"batch.cache={existing(t.tmp / 'in' / 'c.bin')}"),
+     ["batch.cache", "c.bin", "is a file", "give a folder"]),
     ("corrupt weights", lambda t: argv(t, "--weights", corrupt_weights(t)),
      ["corrupt.safetensors", "weights/README.md"], True),
 ]
