@@ -69,7 +69,7 @@ def expected_rows(contents: int, styles: int, steps: int, *, cached: bool) -> in
 
 
 def run_grid(weights: Path, folder: Path, contents: int, styles: int, *, size: int, steps: int, dtype: str,
-             mode: str, pairs: str, cache: Path | None, name: str) -> dict:
+             mode: str, pairs: str, cache: Path | None, name: str, compile: str = "auto") -> dict:
     """One run of the command line over the grid; its report plus the UNet's share, timed in this process."""
     import train_free_run
     from common import peak_rss_gib, reset_peak_rss
@@ -77,7 +77,8 @@ def run_grid(weights: Path, folder: Path, contents: int, styles: int, *, size: i
     report = folder / f"{name}.json"
     argv = ["--content", str(folder / "contents"), "--style", str(folder / "styles"), "--output", str(folder / name),
             "--weights", str(weights), "--size", str(size), "--steps", str(steps), "--dtype", dtype,
-            "--report", str(report), "--overwrite", "--quiet", f"store.mode={mode}", f"batch.pairs={pairs}"]
+            "--report", str(report), "--overwrite", "--quiet", f"store.mode={mode}", f"batch.pairs={pairs}",
+            f"model.compile={compile}"]
     if cache is not None:
         argv += [f"batch.cache={cache}", "batch.cache_features=true"]
     reset_peak_rss()
@@ -97,12 +98,12 @@ def run_grid(weights: Path, folder: Path, contents: int, styles: int, *, size: i
 
 
 def batch_section(weights: Path, *, grid: tuple[int, int], size: int, steps: int, dtype: str, mode: str = "memory",
-                  pairs: str = "auto", warm: bool = True) -> list[str]:
+                  pairs: str = "auto", warm: bool = True, compile: str = "auto") -> list[str]:
     contents, styles = grid
     single = 4 * steps
     rows = ["| run | pairs | batch.pairs | seconds | pairs/s | UNet rows | rows/pair | x single run | UNet rows/s "
-            "| peak RSS GiB | peak CUDA GiB | outside UNet |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| peak RSS GiB | peak CUDA GiB | outside UNet | compiling s (part of seconds) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         synthetic_images(folder / "contents", contents, size, seed=1)
@@ -111,7 +112,7 @@ def batch_section(weights: Path, *, grid: tuple[int, int], size: int, steps: int
         for name in ("cold", "warm") if warm else ("cold",):  # cold: inverts, and fills the cache when warm follows
             print(f"{contents}x{styles} grid, {name} ...", file=sys.stderr, flush=True)
             r = run_grid(weights, folder, contents, styles, size=size, steps=steps, dtype=dtype, mode=mode,
-                         pairs=pairs, cache=cache, name=name)
+                         pairs=pairs, cache=cache, name=name, compile=compile)
             n = contents * styles
             assert r["report"]["jobs_done"] == n, f"{r['report']['jobs_done']} of {n} jobs done"
             assert r["report"]["unet_rows"] == r["unet_rows"], "the report's UNet rows and the timed ones differ"
@@ -121,6 +122,7 @@ def batch_section(weights: Path, *, grid: tuple[int, int], size: int, steps: int
                 f"| {name} | {n} | {pairs} | {r['seconds']:.1f} | {n / r['seconds']:.3f} | {r['unet_rows']} "
                 f"| {r['unet_rows'] / n:.1f} | {r['unet_rows'] / n / single:.2f} | {r['unet_rows'] / r['seconds']:.2f} "
                 f"| {r['peak_rss_gib']:.2f} | {r['peak_cuda']} "
-                f"| {100 * (1 - r['unet_seconds'] / r['seconds']):.1f}% |")
+                f"| {100 * (1 - r['unet_seconds'] / r['seconds']):.1f}% "
+                f"| {r['report']['seconds'].get('compile', 0.0):.1f} |")
             print(rows[-1], file=sys.stderr, flush=True)
     return rows

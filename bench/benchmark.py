@@ -148,13 +148,13 @@ def store_section(weights: Path, *, dtype: str) -> list[str]:
 
 
 def batch_section(weights: Path, *, grid: tuple[int, int], size: int, steps: int, dtype: str, mode: str,
-                  pairs: str, warm: bool) -> list[str]:
+                  pairs: str, warm: bool, compile: str = "auto") -> list[str]:
     from batch_bench import batch_section as section
 
     title = (f"Grid {grid[0]}x{grid[1]}, {size}px, {steps} steps, dtype {dtype}, store.mode={mode}, "
-             f"batch.pairs={pairs}; single run = {4 * steps} UNet rows")
+             f"batch.pairs={pairs}, model.compile={compile}; single run = {4 * steps} UNet rows")
     return [title, ""] + section(weights, grid=grid, size=size, steps=steps, dtype=dtype, mode=mode, pairs=pairs,
-                                 warm=warm)
+                                 warm=warm, compile=compile)
 
 
 def grid_shape(text: str) -> tuple[int, int]:
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", type=grid_shape, default=(2, 2), help="--batch: contents x styles (default 2x2)")
     parser.add_argument("--pairs", default="auto", help="--batch: batch.pairs (auto or a number)")
     parser.add_argument("--mode", default="memory", choices=["memory", "recompute"], help="--batch: store.mode")
+    parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                        help="--batch: model.compile (auto: on for a CUDA run of at least 100 jobs)")
     parser.add_argument("--no-warm", dest="warm", action="store_false",
                         help="--batch: skip the second run from the inversion cache")
     parser.add_argument("--weights", type=Path, help="a real SD1.5 .safetensors checkpoint (default: random weights)")
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
                 print("\n".join(store_section(weights, dtype=args.dtype)) + "\n", flush=True)
             if args.batch:
                 rows = batch_section(weights, grid=args.grid, size=args.size, steps=args.steps, dtype=args.dtype,
-                                     mode=args.mode, pairs=args.pairs, warm=args.warm)
+                                     mode=args.mode, pairs=args.pairs, warm=args.warm, compile=args.compile)
                 print("\n".join(rows) + "\n", flush=True)
 
 

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Everything issue 11 measures on a GPU, in one call on the GPU machine (about 9 minutes): install the carried wheels,
-# write a random full-size checkpoint, run the CUDA tests, then the benchmark section by section, most important
-# first, each with its own time limit.  Results go to $OUT (at most 8 files): device.txt, pytest_cuda.txt,
-# bench_unet.md, bench_stylize.md, bench_cli.md, bench_load.md, results.json (every figure, and the summary table at
-# the end of the last bench_*.md).  See bench/README.md, "GPU".
+# Everything issues 9 and 11 measure on a GPU, in two calls on the GPU machine (each under the 600 s limit of one
+# call): `bash bench/gpu_session.sh 1`, then `bash bench/gpu_session.sh 2` on the same warm machine.  Each installs the
+# carried wheels and writes a random full-size checkpoint (about 15 s), then runs its sections, most important first,
+# each under its own time limit:
+#   part 1 (about 8 minutes): the CUDA tests, the UNet against diffusers, stylize (the Python API);
+#   part 2 (about 8 minutes): the one-shot CLI, loading, a 6 x 6 grid at 512 px, 30 steps, float16 (issue 9), eager
+#           (model.compile auto: off below 100 jobs), then compiled.
+# Results go to $OUT: device.txt, pytest_cuda.txt, bench_unet.md, bench_stylize.md, bench_cli.md, bench_load.md,
+# bench_batch_eager.md, bench_batch_compiled.md, results.json (every figure of the --device cuda sections, and the
+# summary table at the end of the last bench_*.md).  See bench/README.md, "GPU".
 set -u
 OUT=${OUT:-/tmp/magicstyle-gpu}
 mkdir -p "$OUT"
@@ -19,13 +24,20 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     nproc
 } > "$OUT/device.txt" 2>&1
 CKPT=/tmp/sd15_random.safetensors
-python3 bench/random_checkpoint.py "$CKPT" >> "$OUT/device.txt" 2>&1
+[ -f "$CKPT" ] || python3 bench/random_checkpoint.py "$CKPT" >> "$OUT/device.txt" 2>&1  # part 2: written by part 1
 BENCH="python3 bench/benchmark.py --device cuda --weights $CKPT --steps 30 --dtypes float16 bfloat16 --batches 2 4"
 BENCH="$BENCH --results $OUT/results.json"
-timeout 100 python3 -m pytest tests -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
-    > "$OUT/pytest_cuda.txt" 2>&1
-timeout 140 $BENCH --unet > "$OUT/bench_unet.md" 2>&1
-timeout 200 $BENCH --pipeline > "$OUT/bench_stylize.md" 2>&1
-timeout 80 $BENCH --cli > "$OUT/bench_cli.md" 2>&1
-timeout 20 $BENCH --load > "$OUT/bench_load.md" 2>&1
-tail -n 30 "$OUT"/bench_*.md "$OUT/pytest_cuda.txt"
+PART=${1:-1}
+if [ "$PART" = 1 ]; then
+    timeout 100 python3 -m pytest tests -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
+        > "$OUT/pytest_cuda.txt" 2>&1
+    timeout 140 $BENCH --unet > "$OUT/bench_unet.md" 2>&1
+    timeout 200 $BENCH --pipeline > "$OUT/bench_stylize.md" 2>&1
+else
+    timeout 80 $BENCH --cli > "$OUT/bench_cli.md" 2>&1
+    timeout 20 $BENCH --load > "$OUT/bench_load.md" 2>&1
+    GRID="python3 bench/benchmark.py --batch --grid 6x6 --size 512 --steps 30 --dtype float16 --no-warm --weights $CKPT"
+    timeout 130 $GRID --compile auto > "$OUT/bench_batch_eager.md" 2>&1
+    timeout 200 $GRID --compile true > "$OUT/bench_batch_compiled.md" 2>&1
+fi
+tail -n 30 "$OUT"/bench_*.md "$OUT"/pytest_cuda.txt 2>/dev/null
