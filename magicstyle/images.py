@@ -20,6 +20,7 @@ from models.errors import MagicStyleError
 from .output import write_atomic
 
 MAX_PIXELS = 64 * 1024 * 1024  # 64 megapixels
+MAX_ASPECT = 8  # a longer side beyond 8x the shorter is cut to that before resizing (``limit_aspect``)
 
 
 class ImageError(MagicStyleError):
@@ -61,8 +62,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def limit_aspect(img: Image.Image, most: int = MAX_ASPECT) -> Image.Image:
+    """Centre-crop the longer side to at most ``most`` times the shorter.  The centre crops the pipeline and the
+    metrics take lie inside it, so an image within the ratio is untouched, and a 1000:1 strip is not resized whole
+    (its shorter side to 512 px would make it 512000 px long)."""
+    w, h = img.size
+    if max(w, h) <= most * min(w, h):
+        return img
+    keep = most * min(w, h)
+    left, top = (w - keep) // 2 if w > h else 0, (h - keep) // 2 if h > w else 0
+    return img.crop((left, top, left + min(w, keep), top + min(h, keep)))
+
+
 def square(img: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to ``size`` and centre-crop to size x size."""
+    img = limit_aspect(img)
     scale = size / min(img.size)
     w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
     img = img.resize((w, h), Image.Resampling.LANCZOS)

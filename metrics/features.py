@@ -21,7 +21,7 @@ from PIL import Image
 from faces import SCRFD, ArcFace, norm_crop, require_file
 from faces.weights import eval_defaults, loading
 from magicstyle.config import ConfigError
-from magicstyle.images import open_rgb
+from magicstyle.images import limit_aspect, open_rgb
 from magicstyle.output import write_atomic
 
 Embedder = Callable[[Image.Image], np.ndarray]  # image -> (D,) float32
@@ -64,7 +64,7 @@ def clip_embedder(entry: DictConfig, path: Path, device: torch.device) -> Embedd
 
     @torch.no_grad()
     def embed(img: Image.Image) -> np.ndarray:
-        return _to_unit(model.encode_image(preprocess(img)[None].to(device)))
+        return _to_unit(model.encode_image(preprocess(limit_aspect(img))[None].to(device)))
 
     return embed
 
@@ -86,7 +86,7 @@ def dino_embedder(entry: DictConfig, path: Path, device: torch.device) -> Embedd
 
     @torch.no_grad()
     def embed(img: Image.Image) -> np.ndarray:
-        return _to_unit(model(preprocess(img)[None].to(device)))  # (1, D): the CLS token after the final norm
+        return _to_unit(model(preprocess(limit_aspect(img))[None].to(device)))  # (1, D): the CLS token, final norm
 
     return embed
 

@@ -246,6 +246,18 @@ def test_square_is_a_centre_crop(size):
     assert (a[..., 1] > 150).all()  # no red or blue band survived, even at the edges
 
 
+@pytest.mark.parametrize("size", [(200_000, 10), (10, 200_000)])
+def test_a_thin_strip_is_cut_before_it_is_resized(size):
+    """A 20000:1 strip: its shorter side to 64 px would make it 1.3 million px long.  Only its centre (at most
+    MAX_ASPECT times the shorter side) is resized: quick, small, and the same centre crop."""
+    strip = bands(size, vertical=size[0] > size[1])
+    assert images.limit_aspect(strip).size == ((80, 10) if size[0] > size[1] else (10, 80))
+    out = square(strip, 64)
+    assert out.size == (64, 64) and (np.asarray(out)[..., 1] > 150).all()  # the green centre
+    ordinary = bands((80, 64), vertical=True)
+    assert images.limit_aspect(ordinary) is ordinary  # within the ratio: untouched, so square's result is unchanged
+
+
 def test_square_of_a_square_image_keeps_it():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB")
     np.testing.assert_array_equal(np.asarray(square(img, 64)), np.asarray(img))
