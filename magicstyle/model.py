@@ -21,11 +21,13 @@ from .images import open_rgb, square, to_rgb, to_tensor
 LATENT_SCALE = 0.18215  # SD1.x: latents are scaled to unit variance before diffusion
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, *, mps: bool = True) -> torch.device:
+    """``auto``: CUDA, else MPS (unless ``mps`` is False), else the CPU; a device asked for that is not there is a
+    one-line ``ConfigError``."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if torch.backends.mps.is_available():
+        if mps and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -149,9 +148,7 @@ def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[
                                               ("inception", "fid"), (art, "styleid"), ("lpips", "styleid"))
                                if m in metrics))
     models = {kind: features.model_files(kind, cfg) for kind in kinds}  # a missing one fails before any work
-    # the pipeline's rule (cuda asked for without a GPU is a one-line error); auto: CUDA, else CPU (not MPS here)
-    device = resolve_device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                            "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device, mps=False)  # auto: CUDA, else the CPU (the metrics' models are not run on MPS)
 
     # "skipped": a resumed run found the output made with the job's configuration (the run checks it), so it counts
     jobs = [j for j in index["jobs"] if j["status"] in ("done", "skipped") and (run_dir / j["output"]).is_file()]
