@@ -91,7 +91,7 @@ class FeatureStore:
         """Move to timestep ``t`` (None: done) before a UNet call: keep what a compiled ``record`` left in
         ``pending`` (copied out of the graph's memory, in ``dtype``), then set ``on`` and ``current``."""
         for path, h in self.pending.items():
-            self.features[(path, self.t)] = _per_image(h.to(self.dtype, copy=True))
+            self.features[(path, self.t)] = _per_image(h, self.dtype)
         self.t, self.pending = t, {}
         self.on = self.active
         reads = self.on and self.pairs
@@ -109,8 +109,11 @@ class FeatureStore:
         return [(refs.index(c), refs.index(s)) for c, s in self.pairs]
 
     def _features(self, path: str) -> torch.Tensor:
-        """The stored input of layer ``path`` at the current timestep for the images the pairs use, (U, tokens, C)."""
-        return self.current[path] if is_compiling() else self._used(self.features[(path, self.t)])
+        """The stored input of layer ``path`` at the current timestep for the images the pairs use, (U, tokens, C):
+        what ``step`` stacked, or (a store moved to ``t`` without ``step``, as some tests do) stacked now."""
+        if is_compiling() or path in self.current:
+            return self.current[path]
+        return self._used(self.features[(path, self.t)])
 
     # -- CSDI -------------------------------------------------------------------------------------------------------
     def record(self, path: str, x: torch.Tensor) -> None:
@@ -119,13 +122,13 @@ class FeatureStore:
             return
         if is_compiling():  # filed under (path, t) and copied by the next ``step``
             self.pending[path] = x[-self.images:]
-        else:  # a copy, not a view: a view of some rows would keep the whole batch's activation alive
-            self.features[(path, self.t)] = _per_image(x[-self.images:].to(self.dtype, copy=True))
+        else:  # copies, not views: a view of some rows would keep the whole batch's activation alive
+            self.features[(path, self.t)] = _per_image(x[-self.images:], self.dtype)
 
     def record_latents(self, x: torch.Tensor) -> None:
         """recompute mode: keep the latents (N, 4, h, w) the UNet sees at the current timestep (float32)."""
         if self.mode == "recompute" and self.active:
-            self.latents[self.t] = _per_image(x.float())
+            self.latents[self.t] = _per_image(x, torch.float32)
 
     # -- cutting and merging (Inversion.select / Inversion.cat) -----------------------------------------------------
     def select(self, indices: Sequence[int]) -> FeatureStore:
@@ -201,9 +204,10 @@ class FeatureStore:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _per_image(batch: torch.Tensor) -> list[torch.Tensor]:
-    """(N, ...) -> N tensors (...), views of the batch (kept together as long as any of them is)."""
-    return list(batch.unbind(0))
+def _per_image(batch: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """(N, ...) -> N tensors (...) in ``dtype``, each a copy with memory of its own: an image dropped by ``select``
+    frees its features, whatever batch it was recorded in."""
+    return [row.to(dtype, copy=True) for row in batch]
 
 
 def _rows(h: torch.Tensor, content: list[int], style: list[int], dtype: torch.dtype):

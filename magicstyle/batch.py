@@ -136,20 +136,20 @@ def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = Fa
     run.phases = Progress(enabled=not run.quiet) if len(todo) == 1 else None  # one job: a bar per phase
     finished = 0
 
-    bugs = 0
+    bugs: set[str] = set()
 
     def fail(jobs: list, e: Exception) -> None:
         """Record the failure on the jobs not yet written.  A bug (not bad input, not a failure at run time such as
-        out of memory) is recorded too, so that the other jobs still run, and its traceback printed, once a run."""
-        nonlocal finished, bugs
+        out of memory) is recorded too, so that the other jobs still run, and its traceback printed once."""
+        nonlocal finished
         if strict:
             raise e
         message = first_line(e, typed=True)
         if not isinstance(e, MagicStyleError) and runtime_failure(e) is None:
-            if not bugs:
+            if message not in bugs:  # the same bug in every job: one traceback
                 traceback.print_exception(e, file=sys.stderr)
-            bugs += 1
-            message += " (a bug: its traceback is printed with the run's first; please report it)"
+                bugs.add(message)
+            message += " (a bug: its traceback is printed on stderr; please report it)"
         for job in jobs:
             if job.status != "done":
                 job.fail(message)

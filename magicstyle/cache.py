@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def enabled(cfg: DictConfig) -> bool:
 
 def entry(image: Path, cfg: DictConfig) -> Path:
     """The cache file of ``image`` under ``cfg``: <image content hash>-<inversion key>.safetensors."""
-    return Path(cfg.batch.cache).expanduser() / f"{hash_file(image)}-{inversion_key(cfg)}{SUFFIX}"
+    return Path(os.path.expanduser(cfg.batch.cache)) / f"{hash_file(image)}-{inversion_key(cfg)}{SUFFIX}"
 
 
 def digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
@@ -61,9 +62,9 @@ def encode(inv: Inversion, image: str = "", key: str = "") -> bytes:
     """One image's inversion -> the bytes of a cache entry (a safetensors file) for image hash ``image``, ``key``."""
     store = inv.store
     tensors = {"z_T": inv.z_T, "context": inv.context}
-    tensors.update({f"latents/{t}": torch.stack(v) for t, v in store.latents.items()})  # (N, ...) per key
+    tensors.update({f"latents/{t}": _stacked(v) for t, v in store.latents.items()})
     names = sorted(store.features)
-    tensors.update({f"features/{i}": torch.stack(store.features[k]) for i, k in enumerate(names)})
+    tensors.update({f"features/{i}": _stacked(store.features[k]) for i, k in enumerate(names)})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     inversion = {"timesteps": inv.timesteps, "layers": inv.layers, "mode": store.mode,
                  "dtype": next(k for k, v in DTYPES.items() if v == store.dtype),
@@ -71,6 +72,11 @@ def encode(inv: Inversion, image: str = "", key: str = "") -> bytes:
     meta = {"format": FORMAT, "image_sha256": image, "inversion_key": key, "inversion": json.dumps(inversion)}
     meta["sha256"] = digest(meta, tensors)
     return st_save(tensors, metadata=meta)
+
+
+def _stacked(per_image: list[torch.Tensor]) -> torch.Tensor:
+    """The store's one tensor per image -> (N, ...) on the CPU (moved one by one: no second copy on the GPU)."""
+    return torch.stack([t.cpu() for t in per_image])
 
 
 def decode(data: bytes, device: torch.device, image: str | None = None, key: str | None = None) -> Inversion:

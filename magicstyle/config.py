@@ -9,6 +9,7 @@ Relative file paths (``PATH_KEYS``) in a YAML file are relative to that file's f
 """
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -185,7 +186,7 @@ def validate(cfg: DictConfig) -> None:
           f"batch.pairs must be auto or a number of pairs >= 1, not {pairs!r}")
     check(cfg.batch.cache is None or (isinstance(cfg.batch.cache, str) and cfg.batch.cache != ""),
           "batch.cache must be a folder path or null")
-    check(not cfg.batch.cache or not Path(cfg.batch.cache).expanduser().is_file(),
+    check(not cfg.batch.cache or not Path(os.path.expanduser(cfg.batch.cache)).is_file(),  # (~unknown: as given)
           f"batch.cache {cfg.batch.cache} is a file; give a folder (it is made when missing)")
     diagnostics_region(cfg)
 

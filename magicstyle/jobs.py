@@ -246,8 +246,8 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 def check_resumable(path: Path, cfg: DictConfig, files: dict[str, Path]) -> None:
     """An existing output is skipped only when it is this job's: same configuration in its ``parameters`` chunk and
-    the same checkpoint (its SHA-256) and VAE (its name) as the run's model ``files`` (``OutputError`` otherwise, so
-    that a changed option or checkpoint never leaves old images in a new run)."""
+    the same checkpoint and VAE files (by SHA-256) as the run's model ``files`` (``OutputError`` otherwise, so that a
+    changed option or model file never leaves old images in a new run)."""
     from .filehash import short_sha256  # hashed once per checkpoint file, then cached
 
     try:
@@ -257,12 +257,19 @@ def check_resumable(path: Path, cfg: DictConfig, files: dict[str, Path]) -> None
     except Exception:  # noqa: BLE001 - not a PNG, or not ours
         raise OutputError(f"{path} exists and is not a MagicStyle output; move it, or choose another --output") from None
     weights, vae = Path(files["model.weights"]), files.get("model.vae")
-    for what, had, have in (("checkpoint", parameters.get("checkpoint_sha256"), short_sha256(weights)),
-                            ("VAE", parameters.get("vae"), Path(vae).name if vae else None)):
+    made_with = [("checkpoint", parameters.get("checkpoint"), parameters.get("checkpoint_sha256"), weights.name,
+                  short_sha256(weights))]
+    if "vae_sha256" in parameters:
+        made_with.append(("VAE", parameters.get("vae"), parameters["vae_sha256"], vae and Path(vae).name,
+                          vae and short_sha256(vae)))
+    else:  # a PNG from before the VAE's hash was recorded: its name
+        made_with.append(("VAE", parameters.get("vae"), parameters.get("vae"), vae and Path(vae).name,
+                          vae and Path(vae).name))
+    for what, had_name, had, have_name, have in made_with:
         if had != have:
-            made_from = parameters.get("checkpoint") if what == "checkpoint" else "its file"
-            raise OutputError(f"{path} exists but was made with another {what} ({made_from}: {had}, not {have}); pass "
-                              "--overwrite to redo the run's jobs, or choose another --output")
+            raise OutputError(f"{path} exists but was made with another {what} ({had_name}, SHA-256 {had}; this "
+                              f"run's is {have_name}, {have}); pass --overwrite to redo the run's jobs, or choose "
+                              "another --output")
     want = flat(OmegaConf.to_container(cfg, resolve=True))
     keys = [k for k in sorted(made.keys() | want.keys()) if compared(k)]
     if not (made.get("inversion.sample_posterior") or want.get("inversion.sample_posterior")):

@@ -23,6 +23,7 @@ def png_parameters(cfg: DictConfig, files: Mapping[str, Path], content: str, sty
         "checkpoint": weights.name,
         "checkpoint_sha256": short_sha256(weights),  # hashed once per file, then cached
         "vae": Path(vae).name if vae else None,
+        "vae_sha256": short_sha256(vae) if vae else None,
         "content": content,
         "style": style,
         "version": __version__,

@@ -79,6 +79,8 @@ def test_select_and_cat(sd, z0, mode):
         got = {**merged.store.features, **merged.store.latents}[key]
         assert len(got) == len(value) == 4 and all(a is b for a, b in zip(got, value))  # the same tensors, no copies
     picked = inversion.select([3, 2])
+    for per_image in (*picked.store.features.values(), *picked.store.latents.values()):  # memory of their own: the
+        assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in per_image)  # rest can go
     assert torch.equal(fff(sd, picked, cfg), fff(sd, inversion, cfg, pairs=[(3, 2)]))
     with pytest.raises(ConfigError, match="merged"):
         Inversion.cat([inversion, csdi(sd, z0[:1], config(store={"mode": mode}, steps=2))])

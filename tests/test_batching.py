@@ -9,13 +9,13 @@ import sys
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from _tiny import gradient, write_config
 from conftest import ROOT
 from magicstyle import cache, load_config
 from magicstyle.images import save_png
+from magicstyle.parameters import png_parameters
 from test_jobs import STYLE, cli, inputs, pngs_of, quietly  # noqa: F401 - inputs is a fixture
 
 
@@ -23,9 +23,10 @@ def test_torchrun_shards_the_jobs_over_two_ranks(inputs):
     """2 processes, gloo on the CPU: every pending job runs exactly once, on the rank of its content image; an
     output that exists (a job finished before a rank died) is skipped, not redone."""
     over = ["ffa.beta=1", "ffa.alpha=0.0", "model.device=cpu"]
-    cfg = OmegaConf.to_container(load_config(inputs.config, None, over), resolve=True)
+    cfg = load_config(inputs.config, None, over)
     existing = inputs.output / "b_ihc_ffa.beta=1.png"
-    save_png(Image.new("RGB", (64, 64)), existing, json.dumps({"config": cfg}))  # as if a rank had finished it
+    parameters = png_parameters(cfg, {"model.weights": cfg.model.weights}, "b.png", STYLE.name)
+    save_png(Image.new("RGB", (64, 64)), existing, parameters)  # as if a rank had finished it
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_free_run.py",

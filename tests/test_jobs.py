@@ -206,7 +206,8 @@ def test_a_bug_in_a_job_of_many_is_recorded_with_its_traceback_printed_once(stub
     assert rc == 1
     jobs = json.loads((inputs.output / "index.json").read_text())["jobs"]
     assert [j["status"] for j in jobs] == ["done", "failed"] * 2
-    assert jobs[1]["error"].startswith("TypeError: unsupported operand type(s) (a bug: its traceback is printed")
+    assert jobs[1]["error"] == ("TypeError: unsupported operand type(s) (a bug: its traceback is printed on stderr; "
+                                "please report it)")
     assert err.count("Traceback (most recent call last)") == 1 and "in fff" in err, err
 
 
@@ -257,6 +258,30 @@ def test_resume_compares_the_checkpoint_by_its_hash_not_its_path(stub, inputs, c
     assert cli([*argv, "--weights", copy]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "made with another checkpoint (sd15_tiny_random.safetensors" in err, err
+
+
+def test_resume_compares_the_vae_by_its_hash(tmp_path):
+    """A VAE of the same name in another folder: the same bytes resume, other bytes stop the run."""
+    from conftest import TINY_WEIGHTS
+    from magicstyle import load_config
+    from magicstyle.images import save_png
+    from magicstyle.jobs import check_resumable
+    from magicstyle.output import OutputError
+    from magicstyle.parameters import png_parameters
+
+    cfg = load_config(write_config(tmp_path / "run.yaml"))
+    made, same, other = (tmp_path / d / "vae.safetensors" for d in ("a", "b", "c"))
+    for path, data in ((made, b"vae one"), (same, b"vae one"), (other, b"vae two")):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    png = tmp_path / "out.png"
+    save_png(Image.new("RGB", (8, 8)), png, png_parameters(cfg, {"model.weights": TINY_WEIGHTS, "model.vae": made},
+                                                            "c.png", "s.png"))
+    check_resumable(png, cfg, {"model.weights": TINY_WEIGHTS, "model.vae": same})
+    with pytest.raises(OutputError, match="made with another VAE"):
+        check_resumable(png, cfg, {"model.weights": TINY_WEIGHTS, "model.vae": other})
+    with pytest.raises(OutputError, match="made with another VAE"):
+        check_resumable(png, cfg, {"model.weights": TINY_WEIGHTS})
 
 
 def test_a_job_that_shares_nothing_runs_through_stylize(stub, inputs, monkeypatch):
