@@ -24,12 +24,13 @@ batch holds both) is pair i = (content image, style image).  Only the images the
 of each row's own content and style image: (1, N, C) when every row uses the same image (broadcast), else (B, N, C)
 row by row.
 
-Compiled UNets (``model.compile``, magicstyle/compiled.py): the pipeline moves the store to a timestep with
-``step(t)``, which also sets ``on`` and ``current`` (the features of that step, by layer, stacked for the images the
-pairs use; a store that records, CSDI's, has no pairs and reads nothing).  Inside a compiled UNet
-the recipes read ``on`` and ``current`` instead of ``t``, and ``record`` puts its tensors in ``pending``, which the
-next ``step`` files under (layer, t) as copies: no timestep is a constant of the compiled graph (one graph serves
-every step), and nothing kept points into a CUDA graph's memory, which its next replay overwrites.
+The pipeline moves the store to a timestep with ``step(t)``, which also sets ``on``, ``current`` (that step's
+features by layer, stacked for the images the pairs use) and ``compact`` (the pairs as indices into those images); a
+store that records, CSDI's, has no pairs and reads nothing.  Compiled UNets (``model.compile``,
+magicstyle/compiled.py): the recipes read ``on``, ``current`` and ``compact`` instead of ``t`` and ``pairs``, and
+``record`` puts its tensors in ``pending``, which the next ``step`` files under (layer, t) as copies.  So no timestep
+and no image index is a constant of the compiled graph (one graph serves every step, and every batch of a grid with
+the same pattern of pairs), and nothing kept points into a CUDA graph's memory, which its next replay overwrites.
 """
 from __future__ import annotations
 
@@ -62,12 +63,12 @@ class FeatureStore:
     # memory: (path, t) -> one (tokens, C) per image; recompute: t -> one (4, h, w) float32 per image
     features: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
     latents: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    pairs: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1)])  # FFF: (content, style) image per row; []
-    # while recording (CSDI)
+    # FFF: the (content, style) images of each generated row; [] while recording (CSDI)
+    pairs: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1)])
     cfg_rows: str = "both"  # FFF under guidance: the recipe runs in both branches' rows, or only the conditional's
     observer: Observer | None = None  # FFF: diagnostics, if asked for
     _row_pairs: list[int] = field(default_factory=list, repr=False)  # pair of each row handed to the recipe
-    # set by ``step``, read inside compiled UNets (see the module's docstring)
+    # set by ``step`` (see the module's docstring)
     on: bool = field(default=False, init=False, repr=False, compare=False)
     current: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
     pending: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -89,7 +90,7 @@ class FeatureStore:
 
     def step(self, t: int | None) -> None:
         """Move to timestep ``t`` (None: done) before a UNet call: keep what a compiled ``record`` left in
-        ``pending`` (copied out of the graph's memory, in ``dtype``), then set ``on`` and ``current``."""
+        ``pending`` (copied out of the graph's memory, in ``dtype``), then set ``on``, ``current`` and ``compact``."""
         for path, h in self.pending.items():
             self.features[(path, self.t)] = _per_image(h, self.dtype)
         self.t, self.pending = t, {}
