@@ -24,7 +24,7 @@ from sampling import cfg_eps_fn, ddim_invert, ddim_timesteps
 from .compiled import runner
 from .config import DTYPES, ConfigError
 from .hub import file_name, is_hub_ref, model_refs, parse_ref
-from .model import encode_text
+from .model import dtype_names, encode_text
 from .progress import Progress
 
 
@@ -130,6 +130,7 @@ def inversion_key(cfg: DictConfig) -> str:
     for key in keys:
         value = OmegaConf.select(cfg, key)
         values[key] = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+    values.update(dtype_names(cfg))  # auto as resolved here: a cache shared by a GPU and a CPU keeps them apart
     if cfg.inversion.sample_posterior:
         values["seed"] = cfg.seed
     for key, ref in {**model_refs(cfg), "model.hparams": cfg.model.hparams}.items():

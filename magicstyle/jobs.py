@@ -249,6 +249,7 @@ def check_resumable(path: Path, cfg: DictConfig, files: dict[str, Path]) -> None
     the same checkpoint and VAE files (by SHA-256) as the run's model ``files`` (``OutputError`` otherwise, so that a
     changed option or model file never leaves old images in a new run)."""
     from .filehash import short_sha256  # hashed once per checkpoint file, then cached
+    from .model import dtype_names
 
     try:
         with Image.open(path) as img:
@@ -271,6 +272,9 @@ def check_resumable(path: Path, cfg: DictConfig, files: dict[str, Path]) -> None
                               f"run's is {have_name}, {have}); pass --overwrite to redo the run's jobs, or choose "
                               "another --output")
     want = flat(OmegaConf.to_container(cfg, resolve=True))
+    if isinstance(parameters.get("dtypes"), dict):  # as resolved (auto: float16 on a GPU, bfloat16 on most CPUs)
+        made.update(parameters["dtypes"])
+        want.update(dtype_names(cfg))
     keys = [k for k in sorted(made.keys() | want.keys()) if compared(k)]
     if not (made.get("inversion.sample_posterior") or want.get("inversion.sample_posterior")):
         keys = [k for k in keys if k != "seed"]  # the seed only draws the posterior sample

@@ -47,11 +47,18 @@ def resolve_dtypes(name: str, vae_name: str, device: torch.device) -> tuple[torc
     return dtype, DTYPES[vae_name]
 
 
+def dtype_names(cfg: DictConfig) -> dict[str, str]:
+    """``model.dtype`` and ``model.vae_dtype`` as this machine resolves them (``auto`` depends on the device and CPU):
+    what resume compares and what keys an inversion, so that ``auto`` on a GPU and ``auto`` on a CPU never match."""
+    dtypes = resolve_dtypes(cfg.model.dtype, cfg.model.vae_dtype, resolve_device(cfg.model.device))
+    return {key: str(dtype).removeprefix("torch.") for key, dtype in zip(("model.dtype", "model.vae_dtype"), dtypes)}
+
+
 def load_model(cfg: DictConfig, jobs: int = 1) -> SD15:
     """The SD1.5 of ``cfg.model``: weights and VAE are paths or ``hf:`` references (fetched if not cached).  ``jobs``:
     how many pairs the model is loaded for (``model.compile: auto`` compiles only for many, magicstyle/compiled.py)."""
     device = resolve_device(cfg.model.device)
-    dtype, vae_dtype = resolve_dtypes(cfg.model.dtype, cfg.model.vae_dtype, device)
+    dtype, vae_dtype = resolve_dtypes(cfg.model.dtype, cfg.model.vae_dtype, device)  # as dtype_names says
     files = fetch_all(cfg)
     sd = load_sd15(
         files["model.weights"],

@@ -11,14 +11,16 @@ from .filehash import short_sha256
 
 
 def png_parameters(cfg: DictConfig, files: Mapping[str, Path], content: str, style: str) -> str:
-    """JSON of the resolved config, the seed, the checkpoint's file name and the first 10 hex digits of its SHA-256
-    (the hash model sites show), the VAE's file name, the two input names and the package version.  ``files``: the
-    run's model files, as ``magicstyle.hub.fetch_all`` resolves them."""
+    """JSON of the resolved config, the dtypes ``auto`` resolved to, the seed, the checkpoint's file name and the first
+    10 hex digits of its SHA-256 (the hash model sites show), the VAE's file name and hash, the two input names and the
+    package version.  ``files``: the run's model files, as ``magicstyle.hub.fetch_all`` resolves them."""
     from . import __version__
+    from .model import dtype_names
 
     weights, vae = Path(files["model.weights"]), files.get("model.vae")
     return json.dumps({
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "dtypes": dtype_names(cfg),
         "seed": cfg.seed,
         "checkpoint": weights.name,
         "checkpoint_sha256": short_sha256(weights),  # hashed once per file, then cached

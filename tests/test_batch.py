@@ -96,6 +96,16 @@ def test_memory_mode_keeps_one_input_per_image_layer_and_step(sd, z0):
     assert all(len(h) == 4 and h[0].dim() == 2 for h in inversion.store.features.values())  # 4 x (tokens, C)
 
 
+def test_inversion_key_takes_the_dtype_auto_resolves_to():
+    """``auto`` keys as what it means on this machine: the same entry as the dtype named, never a GPU's float16."""
+    from magicstyle.model import dtype_names
+
+    auto = config(model={"dtype": "auto", "device": "cpu"})
+    named = config(model={"dtype": dtype_names(auto)["model.dtype"], "device": "cpu"})
+    assert inversion_key(auto) == inversion_key(named)
+    assert inversion_key(auto) != inversion_key(config(model={"dtype": "float16", "device": "cpu"}))
+
+
 def test_inversion_key_names_what_changes_csdi():
     base = inversion_key(config())
     assert base == inversion_key(config()) and len(base) == 20

@@ -284,6 +284,32 @@ def test_resume_compares_the_vae_by_its_hash(tmp_path):
         check_resumable(png, cfg, {"model.weights": TINY_WEIGHTS})
 
 
+def test_resume_compares_the_dtypes_as_auto_resolved_them(tmp_path):
+    """model.dtype auto: a PNG made where auto meant float16 (a GPU) is not this CPU run's, though both configs say
+    auto; a PNG of this machine's auto is."""
+    from conftest import TINY_WEIGHTS
+    from magicstyle import load_config
+    from magicstyle.images import save_png
+    from magicstyle.jobs import check_resumable
+    from magicstyle.model import dtype_names
+    from magicstyle.output import OutputError
+    from magicstyle.parameters import png_parameters
+
+    cfg = load_config(write_config(tmp_path / "run.yaml"), None, ["model.dtype=auto", "model.device=cpu"])
+    here = dtype_names(cfg)["model.dtype"]
+    assert here in ("bfloat16", "float32")
+    files = {"model.weights": TINY_WEIGHTS}
+    parameters = json.loads(png_parameters(cfg, files, "c.png", "s.png"))
+    assert parameters["config"]["model"]["dtype"] == "auto" and parameters["dtypes"]["model.dtype"] == here
+    png = tmp_path / "out.png"
+    save_png(Image.new("RGB", (8, 8)), png, json.dumps(parameters))
+    check_resumable(png, cfg, files)
+    parameters["dtypes"]["model.dtype"] = "float16"  # as a GPU run's auto
+    save_png(Image.new("RGB", (8, 8)), png, json.dumps(parameters), overwrite=True)
+    with pytest.raises(OutputError, match=f"model.dtype='float16', not '{here}'"):
+        check_resumable(png, cfg, files)
+
+
 def test_a_job_that_shares_nothing_runs_through_stylize(stub, inputs, monkeypatch):
     """face.refine (the small-face pass inverts a crop of the content) is stylize's: such jobs run alone."""
     calls = []
