@@ -84,7 +84,7 @@ def chunks(items: list, n: int) -> list[list]:
 def invert(run, paths: list[Path], cfg: DictConfig, batch: int = INVERT_BATCH):
     """Encode and invert these images (CSDI, ``batch`` at a time; from the cache when there) -> one Inversion, rows
     in the order of ``paths``."""
-    entries = {path: cache.entry(path, cfg) for path in paths} if cache.enabled(cfg) else {}  # each file hashed once
+    entries = {path: cache.entry(path, cfg, run.files) for path in paths} if cache.enabled(cfg) else {}  # hashed once
     parts = {}
     for path, entry in entries.items():
         if (inv := cache.load(entry, device_of(run.sd))) is not None:

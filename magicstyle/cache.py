@@ -2,7 +2,8 @@
 
 An entry is one image's ``Inversion`` (z_T, the inversion prompt's embedding and the store: per-step latents in
 recompute mode, the recorded attention inputs in memory mode), named by the SHA-256 of the image file and
-``inversion_key(cfg)``, so that another run, sweep, process or machine sharing the folder finds it.  Memory-mode
+``inversion_key(cfg, files)`` (the checkpoint and VAE by their SHA-256), so that another run, sweep, process or
+machine sharing the folder finds it.  Memory-mode
 entries are large (about 340 MiB per image at 512 px): they are kept only with ``batch.cache_features=true``.
 
 An entry is a plain safetensors file, ``<image sha256>-<inversion key>.safetensors``.  Its metadata holds the format,
@@ -43,9 +44,10 @@ def enabled(cfg: DictConfig) -> bool:
     return bool(cfg.batch.cache) and (cfg.store.mode == "recompute" or cfg.batch.cache_features)
 
 
-def entry(image: Path, cfg: DictConfig) -> Path:
-    """The cache file of ``image`` under ``cfg``: <image content hash>-<inversion key>.safetensors."""
-    return Path(os.path.expanduser(cfg.batch.cache)) / f"{hash_file(image)}-{inversion_key(cfg)}{SUFFIX}"
+def entry(image: Path, cfg: DictConfig, files: dict[str, Path] | None = None) -> Path:
+    """The cache file of ``image`` under ``cfg`` with the run's model ``files``:
+    <image content hash>-<inversion key>.safetensors."""
+    return Path(os.path.expanduser(cfg.batch.cache)) / f"{hash_file(image)}-{inversion_key(cfg, files)}{SUFFIX}"
 
 
 def digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:

@@ -12,7 +12,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -23,6 +23,7 @@ from sampling import cfg_eps_fn, ddim_invert, ddim_timesteps
 
 from .compiled import runner
 from .config import DTYPES, ConfigError
+from .filehash import file_sha256
 from .hub import file_name, is_hub_ref, model_refs, parse_ref
 from .model import dtype_names, encode_text
 from .progress import Progress
@@ -117,13 +118,15 @@ _INVERSION_KEYS = ("size", "steps", "model.dtype", "model.vae_dtype", "model.cli
 _MEMORY_KEYS = ("store.dtype", "ffa.layers", "ffa.timesteps")
 
 
-def inversion_key(cfg: DictConfig) -> str:
+def inversion_key(cfg: DictConfig, files: Mapping[str, str | Path] | None = None) -> str:
     """A stable digest (20 hex digits) of every config value that changes CSDI's result for a given image file.
 
-    The checkpoint, VAE and hyper-parameter files count by name and size (not by path, so that machines sharing a
-    cache folder agree, and not by hash, which would read gigabytes); the device and the CPU paths (``model.prepack``,
-    ``attention``, ``cpu_compute``) do not count (they change rounding, not the method).  Add the image's own content
-    hash to key a single image.
+    The model files count by what they hold where that is known, never by path (machines sharing a cache folder
+    agree): ``files``, the run's resolved checkpoint and VAE (``magicstyle.hub.fetch_all``), by their SHA-256 (hashed
+    once per file, then cached: the CLI hashes the checkpoint for its PNGs anyway).  Otherwise, and for the
+    hyper-parameter file, a local file by name and size and an ``hf:`` reference by name and revision (not fetched for
+    this).  The device and the CPU paths (``model.prepack``, ``attention``, ``cpu_compute``) do not count (they change
+    rounding, not the method).  Add the image's own content hash to key a single image.
     """
     values: dict[str, Any] = {"format": "magicstyle-inversion/1"}
     keys = _INVERSION_KEYS + (_MEMORY_KEYS if cfg.store.mode == "memory" else ())
@@ -134,7 +137,9 @@ def inversion_key(cfg: DictConfig) -> str:
     if cfg.inversion.sample_posterior:
         values["seed"] = cfg.seed
     for key, ref in {**model_refs(cfg), "model.hparams": cfg.model.hparams}.items():
-        if ref:
+        if files and key in files:
+            values[key] = ["sha256", file_sha256(files[key])]
+        elif ref:
             values[key] = _file_identity(ref)
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:20]

@@ -96,6 +96,21 @@ def test_memory_mode_keeps_one_input_per_image_layer_and_step(sd, z0):
     assert all(len(h) == 4 and h[0].dim() == 2 for h in inversion.store.features.values())  # 4 x (tokens, C)
 
 
+def test_inversion_key_with_the_run_files_keys_the_checkpoint_by_its_hash(tmp_path):
+    """A disk cache outlives a checkpoint's name: with the run's files the key follows the bytes (fine-tunes of one
+    size under one name differ; the same file under another name or path matches)."""
+    a, b, c = (tmp_path / "model.safetensors", tmp_path / "copy" / "renamed.safetensors",
+               tmp_path / "x" / "model.safetensors")
+    a.write_bytes(b"fine-tune one")
+    b.parent.mkdir()
+    b.write_bytes(b"fine-tune one")
+    c.parent.mkdir()
+    c.write_bytes(b"fine-tune two")  # same name, same size, other weights
+    key = lambda path: inversion_key(config(), {"model.weights": path})  # noqa: E731
+    assert key(a) == key(b) != key(c)
+    assert key(a) != inversion_key(config())  # without files: by name and size (the Python API's cheap key)
+
+
 def test_inversion_key_takes_the_dtype_auto_resolves_to():
     """``auto`` keys as what it means on this machine: the same entry as the dtype named, never a GPU's float16."""
     from magicstyle.model import dtype_names

@@ -159,7 +159,7 @@ def test_a_cache_miss_hashes_each_image_once_and_cuts_its_rows_once(tmp_path, mo
     cfg = load_config(write_config(tmp_path / "tiny.yaml"), {"store": {"mode": "recompute"},
                                                               "batch": {"cache": str(tmp_path / "cache")}})
     paths = [tmp_path / f"{i}.png" for i in range(6)]  # a batch of 4 and a batch of 2
-    run = SimpleNamespace(sd=None, counts=Counter())
+    run = SimpleNamespace(sd=None, counts=Counter(), files=None)
     assert batch.invert(run, paths, cfg).rows == paths
     assert sorted(map(tuple, cut)) == [(0,), (0,), (1,), (1,), (2,), (3,)]  # each image of the batch of 4 once
     assert hashed == Counter(paths)
@@ -194,7 +194,7 @@ def test_without_a_cache_the_batches_are_merged_once_and_never_cut(tmp_path, mon
     monkeypatch.setattr(pipeline, "Inversion", Inv)
     cfg = load_config(write_config(tmp_path / "tiny.yaml"), {"store": {"mode": "recompute"}})
     paths = [tmp_path / f"{i}.png" for i in range(6)]  # a batch of 4 and a batch of 2
-    run = SimpleNamespace(sd=None, counts=Counter())
+    run = SimpleNamespace(sd=None, counts=Counter(), files=None)
     assert batch.invert(run, paths, cfg).rows == paths
     assert cut == [] and merged == [2]
     assert batch.invert(run, paths[:3], cfg).rows == paths[:3] and cut == [] and merged == [2]  # one batch: as made
