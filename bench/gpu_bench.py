@@ -91,7 +91,7 @@ def unet_section(dtypes, batches, *, rounds: int, runs: int, compile: bool, summ
             e, d = statistics.median(eager) * 1e3, statistics.median(ref) * 1e3 if ref else None
             summary[f"{name}/{batch}"] = {"eager": e, "diffusers": d, "compiled": None}
             row(name, batch, "eager", e, d, None)
-        del ours, theirs
+        ours = theirs = None  # freed before the next dtype (not del: the timing lambdas close over them)
         torch.cuda.empty_cache()
     if compile:
         name, dtype = "float16", torch.float16
@@ -153,7 +153,7 @@ def stylize_section(weights: Path, *, size: int, steps: int, calls: int, compile
                         f"| {sum(r[1] for r in results):.0f} | {gib(torch.cuda.max_memory_allocated())} |")
             print(rows[-1], file=sys.stderr, flush=True)
             summary[f"{setting}/{mode}"] = {"steady": results[-1][0], "peak": torch.cuda.max_memory_allocated()}
-        del sd
+        sd = None  # freed before the next setting (not del: the timing lambdas close over it)
         torch.cuda.empty_cache()
     return rows
 
