@@ -258,19 +258,18 @@ def check_resumable(path: Path, cfg: DictConfig, files: dict[str, Path]) -> None
     except Exception:  # noqa: BLE001 - not a PNG, or not ours
         raise OutputError(f"{path} exists and is not a MagicStyle output; move it, or choose another --output") from None
     weights, vae = Path(files["model.weights"]), files.get("model.vae")
-    made_with = [("checkpoint", parameters.get("checkpoint"), parameters.get("checkpoint_sha256"), weights.name,
-                  short_sha256(weights))]
+    vae_name = Path(vae).name if vae else None
     if "vae_sha256" in parameters:
-        made_with.append(("VAE", parameters.get("vae"), parameters["vae_sha256"], vae and Path(vae).name,
-                          vae and short_sha256(vae)))
+        vae_made, vae_now = parameters["vae_sha256"], short_sha256(vae) if vae else None
     else:  # a PNG from before the VAE's hash was recorded: its name
-        made_with.append(("VAE", parameters.get("vae"), parameters.get("vae"), vae and Path(vae).name,
-                          vae and Path(vae).name))
-    for what, had_name, had, have_name, have in made_with:
+        vae_made, vae_now = parameters.get("vae"), vae_name
+    for what, made_as, had, now_as, have in (
+            ("checkpoint", parameters.get("checkpoint"), parameters.get("checkpoint_sha256"), weights.name,
+             short_sha256(weights)),
+            ("VAE", parameters.get("vae"), vae_made, vae_name, vae_now)):
         if had != have:
-            raise OutputError(f"{path} exists but was made with another {what} ({had_name}, SHA-256 {had}; this "
-                              f"run's is {have_name}, {have}); pass --overwrite to redo the run's jobs, or choose "
-                              "another --output")
+            raise OutputError(f"{path} exists but was made with another {what} ({made_as}: {had}; this run's is "
+                              f"{now_as}: {have}); pass --overwrite to redo the run's jobs, or choose another --output")
     want = flat(OmegaConf.to_container(cfg, resolve=True))
     if isinstance(parameters.get("dtypes"), dict):  # as resolved (auto: float16 on a GPU, bfloat16 on most CPUs)
         made.update(parameters["dtypes"])
