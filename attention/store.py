@@ -19,18 +19,20 @@ free: they build new lists of the same tensors, so a batch run that merges each 
 style images it keeps holds the style features once, not once per batch.
 
 During FFF, ``pairs`` maps the generated rows to images: row i (and row i + P, the other guidance branch, when the
-batch holds both) is pair i = (content image, style image).  Only the images the pairs use are read
-(``reference_images``, each once), stacked per layer and step: (U, tokens, C).  ``mix`` hands a recipe the features
-of each row's own content and style image: (1, N, C) when every row uses the same image (broadcast), else (B, N, C)
-row by row.
+batch holds both) is pair i = (content image, style image).  ``mix`` hands a recipe the features of each row's own
+content and style image: (1, N, C) for a single pair (broadcast over the guidance branches), else (B, N, C) row by
+row.  In memory mode they come stacked per pair, (P, N, C) for the contents and for the styles, from the stored
+features; in recompute mode from the reference rows, the images the pairs use once each (``reference_images``).
 
-The pipeline moves the store to a timestep with ``step(t)``, which also sets ``on``, ``current`` (that step's
-features by layer, stacked for the images the pairs use) and ``compact`` (the pairs as indices into those images); a
-store that records, CSDI's, has no pairs and reads nothing.  Compiled UNets (``model.compile``,
+The pipeline moves the store to a timestep with ``step(t)``, which also sets ``on``, ``current`` (memory mode: that
+step's features by layer, stacked per pair) and ``compact`` (recompute mode: the pairs as indices into the reference
+rows); a store that records, CSDI's, has no pairs and reads nothing.  Compiled UNets (``model.compile``,
 magicstyle/compiled.py): the recipes read ``on``, ``current`` and ``compact`` instead of ``t`` and ``pairs``, and
 ``record`` puts its tensors in ``pending``, which the next ``step`` files under (layer, t) as copies.  So no timestep
-and no image index is a constant of the compiled graph (one graph serves every step, and every batch of a grid with
-the same pattern of pairs), and nothing kept points into a CUDA graph's memory, which its next replay overwrites.
+and, in memory mode, no image index is a constant of the compiled graph: one graph serves every step, and every batch
+of a grid with the same number of pairs, whichever images they pair (recompute mode's batch holds the reference rows,
+so there the graph follows the pattern of the pairs).  Nothing kept points into a CUDA graph's memory, which its next
+replay overwrites.
 """
 from __future__ import annotations
 
@@ -70,7 +72,8 @@ class FeatureStore:
     _row_pairs: list[int] = field(default_factory=list, repr=False)  # pair of each row handed to the recipe
     # set by ``step`` (see the module's docstring)
     on: bool = field(default=False, init=False, repr=False, compare=False)
-    current: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    current: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False, repr=False,
+                                                                 compare=False)
     pending: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
     compact: list[tuple[int, int]] = field(default_factory=list, init=False, repr=False, compare=False)
 
@@ -96,25 +99,26 @@ class FeatureStore:
         self.t, self.pending = t, {}
         self.on = self.active
         reads = self.on and self.pairs
-        self.current = {path: self._used(h) for (path, s), h in self.features.items() if s == t} if reads else {}
-        self.compact = self._compact() if reads else []
+        self.current = {path: self._per_pair(h) for (path, s), h in self.features.items() if s == t} if reads else {}
+        self.compact = self._compact() if reads and self.mode == "recompute" else []
 
-    def _used(self, per_image: list[torch.Tensor]) -> torch.Tensor:
-        """One tensor per image -> those of the images the pairs use, stacked (U, ...) in ``reference_images`` order."""
-        return torch.stack([per_image[i] for i in self.reference_images])
+    def _per_pair(self, per_image: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One tensor (N, C) per image -> (h_c, h_s): each pair's content and style, (P, N, C), or (1, N, C) for a
+        single pair."""
+        content, style = zip(*self.pairs)
+        return torch.stack([per_image[i] for i in content]), torch.stack([per_image[i] for i in style])
 
     def _compact(self) -> list[tuple[int, int]]:
-        """``pairs`` as indices into the images the pairs use (what ``_used`` stacks).  A compiled graph reads these,
-        not ``pairs``: the next batch of a grid (other images, the same pattern) replays the same graph."""
+        """recompute mode: ``pairs`` as indices into the reference rows (``reference_images``)."""
         refs = self.reference_images
         return [(refs.index(c), refs.index(s)) for c, s in self.pairs]
 
-    def _features(self, path: str) -> torch.Tensor:
-        """The stored input of layer ``path`` at the current timestep for the images the pairs use, (U, tokens, C):
-        what ``step`` stacked, or (a store moved to ``t`` without ``step``, as some tests do) stacked now."""
+    def _features(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory mode: the stored input of layer ``path`` at the current timestep, per pair (``_per_pair``): what
+        ``step`` stacked, or (a store moved to ``t`` without ``step``, as some tests do) stacked now."""
         if is_compiling() or path in self.current:
             return self.current[path]
-        return self._used(self.features[(path, self.t)])
+        return self._per_pair(self.features[(path, self.t)])
 
     # -- CSDI -------------------------------------------------------------------------------------------------------
     def record(self, path: str, x: torch.Tensor) -> None:
@@ -168,28 +172,33 @@ class FeatureStore:
         """recompute mode: the latents of the images the pairs use, to append to the UNet batch at this timestep."""
         if self.mode != "recompute" or not self.active:
             return None
-        return self._used(self.latents[self.t])
+        return torch.stack([self.latents[self.t][i] for i in self.reference_images])
 
     def mix(self, layer, x: torch.Tensor, mix: Mix) -> torch.Tensor:
         """Run ``mix`` on the generated rows of ``x`` with each row's own h^C and h^S at the current timestep."""
         if not self.active:
             return plain(layer, x)
-        compact = self.compact if is_compiling() else self._compact()  # h holds the images the pairs use, once each
+        h = None
         if self.mode == "memory":
-            generated, h = x, self._features(layer.path)
+            generated, P = x, len(self.pairs)
         else:  # the last rows are the reference images (see ``reference_rows``)
+            compact = self.compact if is_compiling() else self._compact()
             used = 1 + max(max(pair) for pair in compact)
-            generated, h = x[:-used], x[-used:]
-        content, style = zip(*compact)
-        P, B = len(compact), generated.shape[0]
+            generated, h, P = x[:-used], x[-used:], len(compact)
+        B = generated.shape[0]
         branches = B // P  # 2 under guidance: rows [uncond pairs..., cond pairs...]
         skip = P if self.cfg_rows == "cond" and branches == 2 else 0  # unconditional rows that keep plain attention
-        rows = range(skip, B)
-        self._row_pairs = [r % P for r in rows]
-        h_c, h_s = _rows(h, [content[p] for p in self._row_pairs], [style[p] for p in self._row_pairs], x.dtype)
+        self._row_pairs = [r % P for r in range(skip, B)]
+        if h is None:  # memory mode: per pair, repeated for each guidance branch the recipe runs in
+            h_c, h_s = (f.to(x.dtype) for f in self._features(layer.path))
+            if P > 1 and (B - skip) > P:
+                h_c, h_s = h_c.repeat((B - skip) // P, 1, 1), h_s.repeat((B - skip) // P, 1, 1)
+        else:
+            content, style = zip(*compact)
+            h_c, h_s = _rows(h, [content[p] for p in self._row_pairs], [style[p] for p in self._row_pairs], x.dtype)
         out = mix(layer, generated[skip:], h_c, h_s)
         parts = ([plain(layer, generated[:skip])] if skip else []) + [out]
-        if self.mode == "recompute":
+        if h is not None:  # recompute mode's reference rows
             parts.append(plain(layer, h))
         return torch.cat(parts) if len(parts) > 1 else out
 
@@ -212,7 +221,8 @@ def _per_image(batch: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 def _rows(h: torch.Tensor, content: list[int], style: list[int], dtype: torch.dtype):
-    """h (U, tokens, C) -> (h_c, h_s), each (1, tokens, C) when all rows share the image, else (B, tokens, C)."""
+    """recompute mode: h (U, tokens, C) of the reference rows -> (h_c, h_s), each (1, tokens, C) when all rows share
+    the image, else (B, tokens, C)."""
     if len(set(content)) == 1 and len(set(style)) == 1:
         return h[content[0]: content[0] + 1].to(dtype), h[style[0]: style[0] + 1].to(dtype)
     index = torch.tensor(content + style, device=h.device)

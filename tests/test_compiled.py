@@ -66,7 +66,8 @@ def test_store_steps_file_pending_features_as_copies():
     store.step(1)  # not a recorded step
     assert not store.on and store.current == {}
     store.step(21)
-    assert store.current.keys() == {"a"} and torch.equal(store.current["a"], kept[None])  # (images used, tokens, C)
+    assert store.current.keys() == {"a"}
+    assert all(torch.equal(h, kept[None]) for h in store.current["a"])  # (h_c, h_s), per pair: (1, tokens, C) each
     store.pairs = []  # a store that records (CSDI's) reads nothing
     store.step(21)
     assert store.on and store.current == {}
@@ -114,9 +115,10 @@ def test_csdi_and_fff_traced_give_the_eager_result_without_recompiling(mini):
         sd.unet.__dict__.pop("compiled")
 
 
-def test_another_batch_of_the_same_pattern_replays_the_fff_graph(mini):
-    """A grid runs FFF batch after batch with other images in the same pattern (pairs (0, 2), then (1, 3)): the
-    graph reads the pairs as indices into the images they use, so the second batch needs no new graph."""
+def test_a_grid_batch_of_other_images_replays_the_fff_graph(mini):
+    """A grid runs FFF batch after batch, each pairing other images (a boundary between contents falls anywhere in a
+    batch).  In memory mode the graph reads the features stacked per pair, so a new graph comes only with a new number
+    of pairs, whichever images they pair."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     sd, z0 = mini
@@ -124,12 +126,13 @@ def test_another_batch_of_the_same_pattern_replays_the_fff_graph(mini):
     cfg = load_config(None, {**TINY, "ffa": {"layers": "all"}})
     set_prepack(sd.unet, False)
     inversion = csdi(sd, z4, cfg)
-    eager = [fff(sd, inversion, cfg, pairs=pairs) for pairs in ([(0, 2)], [(1, 3)])]
+    batches = ([(0, 2)], [(1, 3)], [(0, 2), (1, 3)], [(0, 3), (0, 2)], [(1, 2), (1, 1)])
+    eager = [fff(sd, inversion, cfg, pairs=pairs) for pairs in batches]
     counter = CompileCounterWithBackend("aot_eager")
     compile_unet(sd.unet, backend=counter, fullgraph=True)
     try:
-        traced = [fff(sd, inversion, cfg, pairs=pairs) for pairs in ([(0, 2)], [(1, 3)])]
-        assert counter.frame_count == 1, f"{counter.frame_count} graphs"
+        traced = [fff(sd, inversion, cfg, pairs=pairs) for pairs in batches]
+        assert counter.frame_count == 2, f"{counter.frame_count} graphs"  # one for 1 pair, one for 2
         for a, b in zip(traced, eager):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     finally:
