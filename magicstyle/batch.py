@@ -73,6 +73,8 @@ def pairs_per_batch(cfg: DictConfig, sd, kept=None) -> int:
     free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     rows = 2 + (2 if cfg.store.mode == "recompute" else 0)
     image_bytes = kept.store.nbytes // len(kept) if kept is not None else 0
+    if kept is not None and cfg.store.mode == "memory":  # + this step's features of its content and style, stacked
+        image_bytes += 2 * image_bytes // max(1, len(kept.store.timesteps or kept.timesteps))  # per pair by ``step``
     return auto_pairs(free, cfg.size, image_bytes, rows, next(sd.unet.parameters()).element_size(),
                       next(sd.vae.parameters()).element_size())
 
