@@ -27,7 +27,8 @@ features; in recompute mode from the reference rows, the images the pairs use on
 The pipeline moves the store to a timestep with ``step(t)``, which also sets ``on``, ``current`` (memory mode: that
 step's features by layer, stacked per pair) and ``compact`` (recompute mode: the pairs as indices into the reference
 rows); a store that records, CSDI's, has no pairs and reads nothing.  Compiled UNets (``model.compile``,
-magicstyle/compiled.py): the recipes read ``on``, ``current`` and ``compact`` instead of ``t`` and ``pairs``, and
+magicstyle/compiled.py): the recipes read ``on``, ``current`` and ``compact`` instead of ``t`` and the pairs' images
+(in memory mode only the number of pairs, which the batch's shape fixes anyway), and
 ``record`` puts its tensors in ``pending``, which the next ``step`` files under (layer, t) as copies.  So no timestep
 and, in memory mode, no image index is a constant of the compiled graph: one graph serves every step, and every batch
 of a grid with the same number of pairs, whichever images they pair (recompute mode's batch holds the reference rows,
@@ -164,8 +165,7 @@ class FeatureStore:
     # -- FFF --------------------------------------------------------------------------------------------------------
     @property
     def reference_images(self) -> list[int]:
-        """The images the pairs use, each once, in index order: the order of the stacked features (memory mode) and
-        of the reference rows (recompute mode)."""
+        """The images the pairs use, each once, in index order: the order of recompute mode's reference rows."""
         return sorted({i for pair in self.pairs for i in pair})
 
     def reference_rows(self) -> torch.Tensor | None:

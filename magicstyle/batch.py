@@ -55,8 +55,9 @@ def device_of(sd) -> torch.device:
 
 def auto_pairs(free: int, size: int, image_bytes: int, rows: int, unet_bytes: int, vae_bytes: int) -> int:
     """How many pairs fit in ``free`` bytes (less a 20% margin), 1 to MAX_AUTO_PAIRS.  A pair holds its content
-    image's inversion (``image_bytes``: the features in memory mode), ``rows`` UNet rows (2 guidance rows, plus up to
-    2 reference rows in recompute mode) and one VAE decode; ``unet_bytes``/``vae_bytes``: their dtypes' sizes."""
+    image's inversion (``image_bytes``: the features in memory mode, with the step's features stacked for the pair),
+    ``rows`` UNet rows (2 guidance rows, plus up to 2 reference rows in recompute mode) and one VAE decode;
+    ``unet_bytes``/``vae_bytes``: their dtypes' sizes."""
     unet = rows * UNET_BYTES_PER_TOKEN * unet_bytes * (size // 8) ** 2
     vae = VAE_BYTES_PER_PIXEL * vae_bytes * size * size
     return max(1, min(MAX_AUTO_PAIRS, int(0.8 * free) // (image_bytes + unet + vae)))

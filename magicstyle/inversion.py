@@ -125,8 +125,9 @@ def inversion_key(cfg: DictConfig, files: Mapping[str, str | Path] | None = None
     agree): ``files``, the run's resolved checkpoint and VAE (``magicstyle.hub.fetch_all``), by their SHA-256 (hashed
     once per file, then cached: the CLI hashes the checkpoint for its PNGs anyway).  Otherwise, and for the
     hyper-parameter file, a local file by name and size and an ``hf:`` reference by name and revision (not fetched for
-    this).  The device and the CPU paths (``model.prepack``, ``attention``, ``cpu_compute``) do not count (they change
-    rounding, not the method).  Add the image's own content hash to key a single image.
+    this).  The dtypes count as ``auto`` resolves them here (``dtype_names``), so the device counts only through
+    them; the CPU paths (``model.prepack``, ``attention``, ``cpu_compute``) do not count (they change rounding, not
+    the method).  Add the image's own content hash to key a single image.
     """
     values: dict[str, Any] = {"format": "magicstyle-inversion/1"}
     keys = _INVERSION_KEYS + (_MEMORY_KEYS if cfg.store.mode == "memory" else ())

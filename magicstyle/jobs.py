@@ -225,7 +225,8 @@ def make_jobs(contents: list[Source], styles: list[Source], settings: list[Setti
 # same arithmetic runs (device, torch.compile, the CPU kernels and whether a bfloat16 model computes in float32 there:
 # like the device, they change rounding, not the method; the store's memory/recompute trade, pairs per batch, the
 # inversion cache), where model files are looked up, and the diagnostics written beside the PNG.  model.dtype,
-# model.vae_dtype and store.dtype change the numbers and are compared.  The checkpoint and the VAE are compared by
+# model.vae_dtype and store.dtype change the numbers and are compared, ``auto`` as it resolved (so with model.dtype
+# auto the device counts through the dtype it chose).  The checkpoint and the VAE are compared by
 # what the PNG records of the files themselves (``BY_FILE``), not by the path or hub reference that named them.
 UNCOMPARED = ("batch", "diagnostics", "model.device", "model.compile", "model.prepack", "model.attention",
               "model.cpu_compute", "model.local_dir", "store.mode")
@@ -271,9 +272,9 @@ def check_resumable(path: Path, cfg: DictConfig, files: dict[str, Path]) -> None
             raise OutputError(f"{path} exists but was made with another {what} ({made_as}: {had}; this run's is "
                               f"{now_as}: {have}); pass --overwrite to redo the run's jobs, or choose another --output")
     want = flat(OmegaConf.to_container(cfg, resolve=True))
-    if isinstance(parameters.get("dtypes"), dict):  # as resolved (auto: float16 on a GPU, bfloat16 on most CPUs)
-        made.update(parameters["dtypes"])
-        want.update(dtype_names(cfg))
+    if isinstance(parameters.get("dtypes"), dict) and (resolved := dtype_names(cfg)):  # as resolved (auto: float16
+        made.update(parameters["dtypes"])  # on a GPU, bfloat16 on most CPUs); else the config's text
+        want.update(resolved)
     keys = [k for k in sorted(made.keys() | want.keys()) if compared(k)]
     if not (made.get("inversion.sample_posterior") or want.get("inversion.sample_posterior")):
         keys = [k for k in keys if k != "seed"]  # the seed only draws the posterior sample

@@ -49,8 +49,14 @@ def resolve_dtypes(name: str, vae_name: str, device: torch.device) -> tuple[torc
 
 def dtype_names(cfg: DictConfig) -> dict[str, str]:
     """``model.dtype`` and ``model.vae_dtype`` as this machine resolves them (``auto`` depends on the device and CPU):
-    what resume compares and what keys an inversion, so that ``auto`` on a GPU and ``auto`` on a CPU never match."""
-    dtypes = resolve_dtypes(cfg.model.dtype, cfg.model.vae_dtype, resolve_device(cfg.model.device))
+    what resume compares and what keys an inversion, so that ``auto`` on a GPU and ``auto`` on a CPU never match.
+    Empty where ``model.device`` names a device this machine lacks (nothing runs here then; the config's text
+    stands)."""
+    try:
+        device = resolve_device(cfg.model.device)
+    except ConfigError:
+        return {}
+    dtypes = resolve_dtypes(cfg.model.dtype, cfg.model.vae_dtype, device)
     return {key: str(dtype).removeprefix("torch.") for key, dtype in zip(("model.dtype", "model.vae_dtype"), dtypes)}
 
 

@@ -119,6 +119,8 @@ def test_inversion_key_takes_the_dtype_auto_resolves_to():
     named = config(model={"dtype": dtype_names(auto)["model.dtype"], "device": "cpu"})
     assert inversion_key(auto) == inversion_key(named)
     assert inversion_key(auto) != inversion_key(config(model={"dtype": "float16", "device": "cpu"}))
+    if not torch.cuda.is_available():  # a device this machine lacks: a key all the same (the config's text)
+        assert len(inversion_key(config(model={"dtype": "auto", "device": "cuda"}))) == 20
 
 
 def test_inversion_key_names_what_changes_csdi():

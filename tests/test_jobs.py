@@ -308,6 +308,9 @@ def test_resume_compares_the_dtypes_as_auto_resolved_them(tmp_path):
     save_png(Image.new("RGB", (8, 8)), png, json.dumps(parameters), overwrite=True)
     with pytest.raises(OutputError, match=f"model.dtype='float16', not '{here}'"):
         check_resumable(png, cfg, files)
+    if not torch.cuda.is_available():  # a device this machine lacks: nothing runs here, the config's text stands
+        check_resumable(png, load_config(write_config(tmp_path / "run.yaml"), None, ["model.dtype=auto",
+                                                                                     "model.device=cuda"]), files)
 
 
 def test_a_job_that_shares_nothing_runs_through_stylize(stub, inputs, monkeypatch):
