@@ -86,27 +86,20 @@ def chunks(items: list, n: int) -> list[list]:
 
 def invert(run, paths: list[Path], cfg: DictConfig, batch: int = INVERT_BATCH):
     """Encode and invert these images (CSDI, ``batch`` at a time; from the cache when there) -> one Inversion, rows
-    in the order of ``paths``."""
+    in the order of ``paths``.  Cutting and merging inversions copies no features (attention/store.py)."""
     entries = {path: cache.entry(path, cfg, run.files) for path in paths} if cache.enabled(cfg) else {}  # hashed once
     parts = {}
     for path, entry in entries.items():
         if (inv := cache.load(entry, device_of(run.sd))) is not None:
             parts[path] = inv
     run.counts["images_from_cache"] += len(parts)
-    todo = [p for p in paths if p not in parts]
-    made = []
-    for chunk in chunks(todo, batch):
+    for chunk in chunks([p for p in paths if p not in parts], batch):
         inv = csdi(run, chunk, cfg)
-        made.append(inv)
-        for i, path in enumerate(chunk if entries else []):  # a cache entry holds one image's rows
-            parts[path] = inv if len(chunk) == 1 else inv.select([i])
-            cache.save(entries[path], parts[path])
-    if len(made) == 1 and len(todo) == len(paths):  # one CSDI batch, nothing from the cache
-        return made[0]
-    if not entries:  # the batches, in the order of paths, merged once
-        return pipeline.Inversion.cat(made)
-    ordered = [parts[p] for p in paths]
-    return ordered[0] if len(ordered) == 1 else pipeline.Inversion.cat(ordered)
+        for i, path in enumerate(chunk):
+            parts[path] = inv.select([i])
+            if entries:  # a cache entry holds one image
+                cache.save(entries[path], parts[path])
+    return pipeline.Inversion.cat([parts[p] for p in paths])
 
 
 def csdi(run, paths: list[Path], cfg: DictConfig):

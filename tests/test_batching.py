@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -129,72 +130,41 @@ def inputs_image(tmp_path):
     return gradient(tmp_path / "c.png", (64, 64))
 
 
-def test_a_cache_miss_hashes_each_image_once_and_cuts_its_rows_once(tmp_path, monkeypatch):
-    """``batch.invert`` on an empty cache: each image file is hashed once (its entry's name), and each image's rows
-    are copied out of its CSDI batch once, for both the cache entry and the merged inversion."""
+@pytest.mark.parametrize("cached", [False, True])
+def test_invert_gives_one_inversion_in_the_order_of_the_paths(tmp_path, monkeypatch, cached):
+    """``batch.invert`` of 6 images (CSDI batches of 4 and 2): one inversion, rows in the order of the paths; with an
+    empty cache, each image file hashed once (its entry's name) and one entry written per image, holding its row."""
     from collections import Counter
     from types import SimpleNamespace
 
     import magicstyle.batch as batch
     import magicstyle.pipeline as pipeline
 
-    hashed, cut, saved = Counter(), [], {}
-
-    class Inv:
+    class Inv:  # an inversion's rows, standing for its images
         def __init__(self, rows):
             self.rows = rows
 
         def select(self, indices):
-            cut.append(indices)
             return Inv([self.rows[i] for i in indices])
 
         @staticmethod
         def cat(parts):
             return Inv([r for p in parts for r in p.rows])
 
+    hashed, saved = Counter(), {}
     monkeypatch.setattr(cache, "hash_file", lambda path: hashed.update([path]) or f"{len(hashed):064d}")
     monkeypatch.setattr(cache, "save", lambda path, inv: saved.setdefault(path, inv.rows))
     monkeypatch.setattr(batch, "csdi", lambda run, paths, cfg: Inv(list(paths)))
     monkeypatch.setattr(pipeline, "Inversion", Inv)
-    cfg = load_config(write_config(tmp_path / "tiny.yaml"), {"store": {"mode": "recompute"},
-                                                              "batch": {"cache": str(tmp_path / "cache")}})
-    paths = [tmp_path / f"{i}.png" for i in range(6)]  # a batch of 4 and a batch of 2
+    over = {"store": {"mode": "recompute"}, **({"batch": {"cache": str(tmp_path / "cache")}} if cached else {})}
+    cfg = load_config(write_config(tmp_path / "tiny.yaml"), over)
+    paths = [tmp_path / f"{i}.png" for i in range(6)]
     run = SimpleNamespace(sd=None, counts=Counter(), files=None)
     assert batch.invert(run, paths, cfg).rows == paths
-    assert sorted(map(tuple, cut)) == [(0,), (0,), (1,), (1,), (2,), (3,)]  # each image of the batch of 4 once
-    assert hashed == Counter(paths)
-    assert sorted(saved.values()) == [[p] for p in sorted(paths)] and run.counts["images_from_cache"] == 0
-
-
-def test_without_a_cache_the_batches_are_merged_once_and_never_cut(tmp_path, monkeypatch):
-    """No cache entries to write: CSDI's batches are already in the order of the paths, so their features are
-    concatenated once, never cut into single images first (two copies of the whole store)."""
-    from collections import Counter
-    from types import SimpleNamespace
-
-    import magicstyle.batch as batch
-    import magicstyle.pipeline as pipeline
-
-    cut, merged = [], []
-
-    class Inv:
-        def __init__(self, rows):
-            self.rows = rows
-
-        def select(self, indices):
-            cut.append(indices)
-            return Inv([self.rows[i] for i in indices])
-
-        @staticmethod
-        def cat(parts):
-            merged.append(len(parts))
-            return Inv([r for p in parts for r in p.rows])
-
-    monkeypatch.setattr(batch, "csdi", lambda run, paths, cfg: Inv(list(paths)))
-    monkeypatch.setattr(pipeline, "Inversion", Inv)
-    cfg = load_config(write_config(tmp_path / "tiny.yaml"), {"store": {"mode": "recompute"}})
-    paths = [tmp_path / f"{i}.png" for i in range(6)]  # a batch of 4 and a batch of 2
-    run = SimpleNamespace(sd=None, counts=Counter(), files=None)
-    assert batch.invert(run, paths, cfg).rows == paths
-    assert cut == [] and merged == [2]
-    assert batch.invert(run, paths[:3], cfg).rows == paths[:3] and cut == [] and merged == [2]  # one batch: as made
+    if cached:
+        assert hashed == Counter(paths)  # once per image
+        assert sorted(saved.values()) == [[p] for p in sorted(paths)]
+    else:
+        assert not hashed and not saved
+    assert batch.invert(run, paths[4:] + paths[:2], cfg).rows == paths[4:] + paths[:2]  # another order, one batch
+    assert run.counts["images_from_cache"] == 0
