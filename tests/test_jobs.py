@@ -168,18 +168,23 @@ def test_each_image_is_inverted_once_per_inversion_setting(batches, stub, inputs
     assert sorted({p[2] for p in stub.pairs}) == [0.0, 1.0] and stub.loads == 1 and stub.jobs == 16
 
 
-def test_a_failed_job_is_recorded_and_the_others_run(stub, inputs, monkeypatch):
-    (inputs.contents / "broken.jpg").write_text("not a JPEG")
+def sweep_failing_at_beta_1(inputs, monkeypatch, error: Exception) -> tuple[int, str]:
+    """A beta sweep (0, 1) whose FFF raises ``error`` for beta = 1: the exit status and stderr."""
     real_fff = pipeline.fff
 
     def fff(sd, inv, cfg, pairs, **kwargs):
         if cfg.ffa.beta == 1:
-            raise RuntimeError("out of memory\nsecond line")
+            raise error
         return real_fff(sd, inv, cfg, pairs, **kwargs)
 
     monkeypatch.setattr(pipeline, "fff", fff)
-    rc, err = quietly(["--content", inputs.contents, "--style", STYLE, "--config", inputs.config,
-                       "--sweep", "ffa.beta=0,1", "--output", inputs.output])
+    return quietly(["--content", inputs.contents, "--style", STYLE, "--config", inputs.config,
+                    "--sweep", "ffa.beta=0,1", "--output", inputs.output])
+
+
+def test_a_failed_job_is_recorded_and_the_others_run(stub, inputs, monkeypatch):
+    (inputs.contents / "broken.jpg").write_text("not a JPEG")
+    rc, err = sweep_failing_at_beta_1(inputs, monkeypatch, RuntimeError("out of memory\nsecond line"))
     assert rc == 1
     jobs = json.loads((inputs.output / "index.json").read_text())["jobs"]
     status = {(j["output"]): (j["status"], j["error"]) for j in jobs}
@@ -193,16 +198,7 @@ def test_a_failed_job_is_recorded_and_the_others_run(stub, inputs, monkeypatch):
 def test_a_bug_in_a_job_of_many_is_recorded_with_its_traceback_printed_once(stub, inputs, monkeypatch):
     """A bug (here a TypeError) is not bad input: the jobs it hits are failed and say so, the others run, and its
     traceback is printed once, however many jobs it hits."""
-    real_fff = pipeline.fff
-
-    def fff(sd, inv, cfg, pairs, **kwargs):
-        if cfg.ffa.beta == 1:
-            raise TypeError("unsupported operand type(s)")
-        return real_fff(sd, inv, cfg, pairs, **kwargs)
-
-    monkeypatch.setattr(pipeline, "fff", fff)
-    rc, err = quietly(["--content", inputs.contents, "--style", STYLE, "--config", inputs.config,
-                       "--sweep", "ffa.beta=0,1", "--output", inputs.output])
+    rc, err = sweep_failing_at_beta_1(inputs, monkeypatch, TypeError("unsupported operand type(s)"))
     assert rc == 1
     jobs = json.loads((inputs.output / "index.json").read_text())["jobs"]
     assert [j["status"] for j in jobs] == ["done", "failed"] * 2
