@@ -110,12 +110,12 @@ class Linear(Prepacked, nn.Linear):
         return linear(self, x)
 
 
-def linear(module: Conv2d | Linear, x: torch.Tensor) -> torch.Tensor:
+def linear(module: Conv2d | Linear, x: torch.Tensor, *, prepack: bool = True) -> torch.Tensor:
     """``x @ W^T + b`` with the weight and bias of ``module`` (a ``Linear``, or a 1x1 ``Conv2d`` applied to tokens),
     computing in x's dtype.  On the CPU the weight is reordered once and the bias is added inside the product (a
-    float32 ``addmm`` first writes the bias over the whole output)."""
+    float32 ``addmm`` first writes the bias over the whole output); ``prepack=False``: the plain product."""
     weight, bias = module.weight, module.bias
-    if not (module.prepack and _HAS_PACKED_LINEAR and uses_packed(x, weight)):
+    if not (prepack and module.prepack and _HAS_PACKED_LINEAR and uses_packed(x, weight)):
         return F.linear(x, like(weight, x).flatten(1), like(bias, x))
     w = packed(module, weight, x.dtype, lambda w: torch.ops.mkldnn._reorder_linear_weight(w.flatten(1)), "linear")
     return torch.ops.mkldnn._linear_pointwise(x, w, like(bias, x), "none", [], "")
@@ -161,10 +161,7 @@ def pointwise(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
     9x (1920 -> 1280 at 16x16: 84 ms against 9.6 ms as a prepacked linear map; bench/README.md).
     """
     h = x.permute(0, 2, 3, 1)  # (B, H, W, C_in)
-    if x.dtype != torch.bfloat16:
-        return linear(conv, h).permute(0, 3, 1, 2)
-    out = F.linear(h, like(conv.weight, x).flatten(1), like(conv.bias, x))
-    return out.permute(0, 3, 1, 2)  # (B, C_out, H, W), channels-last
+    return linear(conv, h, prepack=x.dtype != torch.bfloat16).permute(0, 3, 1, 2)  # (B, C_out, H, W), channels-last
 
 
 def set_prepack(model: nn.Module, enabled: bool) -> None:

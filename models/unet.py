@@ -21,7 +21,6 @@ import math
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attention.core import multihead_attention
