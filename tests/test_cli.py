@@ -200,9 +200,19 @@ def fake_model(monkeypatch):
         seen["load"] = cfg
         return object()
 
+    class Inversion:  # what the runner asks of one: cut it into images and merge them
+        store = SimpleNamespace(nbytes=0)
+
+        def select(self, indices):
+            return self
+
+        @staticmethod
+        def cat(parts):
+            return parts[0]
+
     def csdi(sd, z0, cfg, *, progress=None, stats=None):
         stats.update(invert_unet_calls=0, invert_unet_rows=0)
-        return SimpleNamespace(store=SimpleNamespace(nbytes=0))
+        return Inversion()
 
     def fff(sd, inversion, cfg, pairs, *, diagnostics=None, progress=None, stats=None):
         seen["cfg"] = cfg
@@ -212,6 +222,7 @@ def fake_model(monkeypatch):
     monkeypatch.setattr(pipeline, "load_model", load_model)
     monkeypatch.setattr(pipeline, "encode_images", lambda sd, images, generator=None: images)
     monkeypatch.setattr(pipeline, "csdi", csdi)
+    monkeypatch.setattr(pipeline, "Inversion", Inversion)
     monkeypatch.setattr(pipeline, "fff", fff)
     flat = lambda sd, z: torch.full((len(z), 3, 8 * z.shape[2], 8 * z.shape[3]), -0.9)  # noqa: E731
     monkeypatch.setattr(pipeline, "decode_latents", flat)
