@@ -25,15 +25,13 @@ row.  In memory mode they come stacked per pair, (P, N, C) for the contents and 
 features; in recompute mode from the reference rows, the images the pairs use once each (``reference_images``).
 
 The pipeline moves the store to a timestep with ``step(t)``, which also sets ``on``, ``current`` (memory mode: that
-step's features by layer, stacked per pair) and ``compact`` (recompute mode: the pairs as indices into the reference
-rows); a store that records, CSDI's, has no pairs and reads nothing.  Compiled UNets (``model.compile``,
-magicstyle/compiled.py): the recipes read ``on``, ``current`` and ``compact`` instead of ``t`` and the pairs' images
-(in memory mode only the number of pairs, which the batch's shape fixes anyway), and
-``record`` puts its tensors in ``pending``, which the next ``step`` files under (layer, t) as copies.  So no timestep
-and, in memory mode, no image index is a constant of the compiled graph: one graph serves every step, and every batch
-of a grid with the same number of pairs, whichever images they pair (recompute mode's batch holds the reference rows,
-so there the graph follows the pattern of the pairs).  Nothing kept points into a CUDA graph's memory, which its next
-replay overwrites.
+step's features by layer, stacked per pair) and ``compact`` (recompute mode: the pairs as index tensors into the
+reference rows, and their number); a store that records, CSDI's, has no pairs and reads nothing.  Compiled UNets
+(``model.compile``, magicstyle/compiled.py): the recipes read ``on``, ``current`` and ``compact`` instead of ``t`` and
+the pairs' images, and ``record`` puts its tensors in ``pending``, which the next ``step`` files under (layer, t) as
+copies.  So neither a timestep nor an image index is a constant of the compiled graph: one graph serves every step,
+and every batch of a grid with the same number of pairs (recompute mode: and of reference rows), whichever images they
+pair.  Nothing kept points into a CUDA graph's memory, which its next replay overwrites.
 """
 from __future__ import annotations
 
@@ -76,7 +74,7 @@ class FeatureStore:
     current: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False, repr=False,
                                                                  compare=False)
     pending: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
-    compact: list[tuple[int, int]] = field(default_factory=list, init=False, repr=False, compare=False)
+    compact: tuple[torch.Tensor, torch.Tensor, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -101,7 +99,7 @@ class FeatureStore:
         self.on = self.active
         reads = self.on and self.pairs
         self.current = {path: self._per_pair(h) for (path, s), h in self.features.items() if s == t} if reads else {}
-        self.compact = self._compact() if reads and self.mode == "recompute" else []
+        self.compact = self._compact(self.latents[t][0].device) if reads and self.mode == "recompute" else None
 
     def _per_pair(self, per_image: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One tensor (N, C) per image -> (h_c, h_s): each pair's content and style, (P, N, C), or (1, N, C) for a
@@ -109,10 +107,12 @@ class FeatureStore:
         content, style = zip(*self.pairs)
         return torch.stack([per_image[i] for i in content]), torch.stack([per_image[i] for i in style])
 
-    def _compact(self) -> list[tuple[int, int]]:
-        """recompute mode: ``pairs`` as indices into the reference rows (``reference_images``)."""
+    def _compact(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """recompute mode: each pair's content and style as indices into the reference rows (``reference_images``),
+        (P,) each on ``device``, and the number of reference rows."""
         refs = self.reference_images
-        return [(refs.index(c), refs.index(s)) for c, s in self.pairs]
+        index = torch.tensor([[refs.index(c), refs.index(s)] for c, s in self.pairs], device=device)  # (P, 2)
+        return index[:, 0], index[:, 1], len(refs)
 
     def _features(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
         """memory mode: the stored input of layer ``path`` at the current timestep, per pair (``_per_pair``): what
@@ -178,24 +178,20 @@ class FeatureStore:
         """Run ``mix`` on the generated rows of ``x`` with each row's own h^C and h^S at the current timestep."""
         if not self.active:
             return plain(layer, x)
-        h = None
-        if self.mode == "memory":
-            generated, P = x, len(self.pairs)
+        if self.mode == "memory":  # stored, stacked per pair
+            generated, h = x, None
+            h_c, h_s = self._features(layer.path)
         else:  # the last rows are the reference images (see ``reference_rows``)
-            compact = self.compact if is_compiling() else self._compact()
-            used = 1 + max(max(pair) for pair in compact)
-            generated, h, P = x[:-used], x[-used:], len(compact)
-        B = generated.shape[0]
+            content, style, used = self.compact if self.compact is not None else self._compact(x.device)
+            generated, h = x[:-used], x[-used:]
+            h_c, h_s = h[content], h[style]
+        h_c, h_s = h_c.to(x.dtype), h_s.to(x.dtype)  # (P, N, C) each, (1, N, C) for a single pair
+        B, P = generated.shape[0], h_c.shape[0]
         branches = B // P  # 2 under guidance: rows [uncond pairs..., cond pairs...]
         skip = P if self.cfg_rows == "cond" and branches == 2 else 0  # unconditional rows that keep plain attention
         self._row_pairs = [r % P for r in range(skip, B)]
-        if h is None:  # memory mode: per pair, repeated for each guidance branch the recipe runs in
-            h_c, h_s = (f.to(x.dtype) for f in self._features(layer.path))
-            if P > 1 and (B - skip) > P:
-                h_c, h_s = h_c.repeat((B - skip) // P, 1, 1), h_s.repeat((B - skip) // P, 1, 1)
-        else:
-            content, style = zip(*compact)
-            h_c, h_s = _rows(h, [content[p] for p in self._row_pairs], [style[p] for p in self._row_pairs], x.dtype)
+        if P > 1 and (B - skip) > P:  # repeated for each guidance branch the recipe runs in
+            h_c, h_s = h_c.repeat((B - skip) // P, 1, 1), h_s.repeat((B - skip) // P, 1, 1)
         out = mix(layer, generated[skip:], h_c, h_s)
         parts = ([plain(layer, generated[:skip])] if skip else []) + [out]
         if h is not None:  # recompute mode's reference rows
@@ -218,12 +214,3 @@ def _per_image(batch: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
     """(N, ...) -> N tensors (...) in ``dtype``, each a copy with memory of its own: an image dropped by ``select``
     frees its features, whatever batch it was recorded in."""
     return [row.to(dtype, copy=True) for row in batch]
-
-
-def _rows(h: torch.Tensor, content: list[int], style: list[int], dtype: torch.dtype):
-    """recompute mode: h (U, tokens, C) of the reference rows -> (h_c, h_s), each (1, tokens, C) when all rows share
-    the image, else (B, tokens, C)."""
-    if len(set(content)) == 1 and len(set(style)) == 1:
-        return h[content[0]: content[0] + 1].to(dtype), h[style[0]: style[0] + 1].to(dtype)
-    index = torch.tensor(content + style, device=h.device)
-    return h[index].to(dtype).chunk(2)

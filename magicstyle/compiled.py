@@ -3,12 +3,12 @@
 On a GPU the eager UNet is bound by kernel launches (about 1000 per forward: batch 4 costs no more than batch 2).
 ``reduce-overhead`` fuses the element-wise work with Inductor and replays the whole forward as one CUDA graph per
 input shape and recipe set, without giving up the recipe interface: the recipes are traced into the graph like the
-rest of the UNet.  They stay graph-friendly because no timestep is a constant of the graph: the pipeline moves the
-feature store to each step with ``store.step(t)``, and inside the graph the recipes read the store's ``on`` and
-``current`` (this step's features stacked per pair, which the CUDA graph copies into its static input buffers on every
-replay) and ``record`` leaves its tensors in ``pending``, which the next ``step`` copies out of the graph's memory
-(attention/store.py).  So one graph serves all 30 steps, and CSDI, FFF and each batch size get one each (in memory
-mode whichever images a batch pairs).
+rest of the UNet.  They stay graph-friendly because no timestep and no image index is a constant of the graph: the
+pipeline moves the feature store to each step with ``store.step(t)``, and inside the graph the recipes read the store's
+``on``, ``current`` (this step's features stacked per pair, which the CUDA graph copies into its static input buffers
+on every replay) and ``compact`` (recompute mode: index tensors into the reference rows), and ``record`` leaves its
+tensors in ``pending``, which the next ``step`` copies out of the graph's memory (attention/store.py).  So one graph
+serves all 30 steps, and CSDI, FFF and each batch shape get one each, whichever images a batch pairs.
 
 ``auto`` turns it on for a CUDA run of at least ``AUTO_MIN_JOBS`` jobs and off elsewhere.  On an H100 compiling and
 warming up one graph took 74 s and saved 24.5 ms per batch-2 forward (32.1 -> 7.6 ms; ``bench/README.md``): with a

@@ -115,18 +115,21 @@ def test_csdi_and_fff_traced_give_the_eager_result_without_recompiling(mini):
         sd.unet.__dict__.pop("compiled")
 
 
-def test_a_grid_batch_of_other_images_replays_the_fff_graph(mini):
+@pytest.mark.parametrize("mode", ["memory", "recompute"])
+def test_a_grid_batch_of_other_images_replays_the_fff_graph(mini, mode):
     """A grid runs FFF batch after batch, each pairing other images (a boundary between contents falls anywhere in a
-    batch).  In memory mode the graph reads the features stacked per pair, so a new graph comes only with a new number
-    of pairs, whichever images they pair."""
+    batch).  The graph reads each pair's images through the store (memory mode: features stacked per pair; recompute
+    mode: index tensors into the reference rows), so a new graph comes only with a new batch shape: a new number of
+    pairs (recompute mode: or of reference rows), whichever images they pair and in whichever order."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     sd, z0 = mini
     z4 = torch.cat([z0, z0.flip(-1)])  # 4 images
-    cfg = load_config(None, {**TINY, "ffa": {"layers": "all"}})
+    cfg = load_config(None, {**TINY, "ffa": {"layers": "all"}, "store": {"mode": mode}})
     set_prepack(sd.unet, False)
     inversion = csdi(sd, z4, cfg)
-    batches = ([(0, 2)], [(1, 3)], [(0, 2), (1, 3)], [(0, 3), (0, 2)], [(1, 2), (1, 1)])
+    # recompute mode's shapes (pairs, reference rows): (1, 2) x 3, then (2, 4) x 3
+    batches = ([(0, 2)], [(2, 0)], [(1, 3)], [(0, 2), (1, 3)], [(1, 3), (0, 2)], [(0, 3), (2, 1)])
     eager = [fff(sd, inversion, cfg, pairs=pairs) for pairs in batches]
     counter = CompileCounterWithBackend("aot_eager")
     compile_unet(sd.unet, backend=counter, fullgraph=True)
