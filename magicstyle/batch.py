@@ -3,7 +3,8 @@
 For each group of settings that share an inversion (``inversion_key``): a group of at most ``INVERT_BATCH`` images
 is inverted (CSDI) in one batch; a larger one inverts every style image once and keeps it, and the content images
 ``batch.pairs`` at a time.  Then per setting FFF runs the pairs of those contents with every style, ``batch.pairs``
-pairs per UNet batch (``fff(..., pairs=...)``), and each result is decoded and written.  Memory: the features of all
+pairs per UNet batch (``fff(..., pairs=...)``), and each result is decoded, then written in a background thread
+while the next batch runs (``magicstyle/writer.py``).  Memory: the features of all
 style images plus one batch of contents (``store.mode=recompute`` keeps only latents).  With ``batch.cache=DIR``, an
 image's inversion is read from the cache when it is there and written to it when it is computed.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from models.errors import MagicStyleError, first_line
 from . import cache, pipeline
 from .images import save_png, to_image
 from .progress import Progress
+from .writer import Writer
 
 INVERT_BATCH = 4  # images per CSDI batch (a group with no more images is inverted in one batch)
 # batch.pairs=auto: 1 on the CPU and MPS (a larger batch is no faster there); on CUDA, where the UNet is launch-bound
@@ -152,6 +155,14 @@ def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = Fa
         finished += len(jobs)
         progress.update(finished)
 
+    def written(jobs: list, seconds: float) -> None:
+        nonlocal finished
+        run.seconds["write"] += seconds
+        for job in jobs:
+            job.seconds += seconds / len(jobs)
+        finished += len(jobs)
+        progress.update(finished)
+
     groups: dict[str, list] = {}
     for job in todo:
         cfg = settings[job.setting].cfg
@@ -165,44 +176,50 @@ def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = Fa
             progress.update(finished)
             continue
         groups.setdefault(pipeline.inversion_key(cfg), []).append(job)
-    for group in groups.values():
-        cfg = settings[group[0].setting].cfg
-        contents = list(dict.fromkeys(j.content.path for j in group))
-        styles = list(dict.fromkeys(j.style.path for j in group))
-        images = list(dict.fromkeys(contents + styles))
-        together = len(images) <= INVERT_BATCH  # a small run: all its images in one CSDI batch
-        known = images if together else styles  # kept for the whole group; contents otherwise k at a time
+    with Writer(written, fail) as writer:  # each batch's PNGs are written while the next batch runs
+        for group in groups.values():
+            run_group(run, group, settings, folder, writer, fail)
+
+
+def run_group(run, group: list, settings: list, folder: Path, writer: Writer, fail) -> None:
+    """The jobs of one ``inversion_key`` group: invert its images, then FFF batch by batch (module docstring)."""
+    cfg = settings[group[0].setting].cfg
+    contents = list(dict.fromkeys(j.content.path for j in group))
+    styles = list(dict.fromkeys(j.style.path for j in group))
+    images = list(dict.fromkeys(contents + styles))
+    together = len(images) <= INVERT_BATCH  # a small run: all its images in one CSDI batch
+    known = images if together else styles  # kept for the whole group; contents otherwise k at a time
+    try:
+        kept = invert(run, known, cfg)
+    except Exception as e:  # noqa: BLE001 - recorded per job; the other groups still run
+        fail(group, e)
+        return
+    k = pairs_per_batch(cfg, run.sd, kept)
+    for chunk in [contents] if together else chunks(contents, k):
+        mine = [j for j in group if j.content.path in chunk]
+        fresh = [c for c in chunk if c not in known]  # a content that is also a style is inverted once
         try:
-            kept = invert(run, known, cfg)
-        except Exception as e:  # noqa: BLE001 - recorded per job; the other groups still run
-            fail(group, e)
+            # the same tensors, not copies (attention/store.py): the kept style features are held once
+            inv = pipeline.Inversion.cat([invert(run, fresh, cfg, k), kept]) if fresh else kept
+        except Exception as e:  # noqa: BLE001
+            fail(mine, e)
             continue
-        k = pairs_per_batch(cfg, run.sd, kept)
-        for chunk in [contents] if together else chunks(contents, k):
-            mine = [j for j in group if j.content.path in chunk]
-            fresh = [c for c in chunk if c not in known]  # a content that is also a style is inverted once
-            try:
-                # the same tensors, not copies (attention/store.py): the kept style features are held once
-                inv = pipeline.Inversion.cat([invert(run, fresh, cfg, k), kept]) if fresh else kept
-            except Exception as e:  # noqa: BLE001
-                fail(mine, e)
-                continue
-            row = {**{p: len(fresh) + i for i, p in enumerate(known)}, **{c: i for i, c in enumerate(fresh)}}
-            run.counts["feature_store_bytes"] = max(run.counts["feature_store_bytes"], inv.store.nbytes)
-            for setting in dict.fromkeys(j.setting for j in mine):
-                for batch in chunks([j for j in mine if j.setting == setting], k):
-                    try:
-                        run_batch(run, batch, settings[setting].cfg, inv, row, folder)
-                    except Exception as e:  # noqa: BLE001
-                        fail(batch, e)
-                        continue
-                    finished += len(batch)
-                    progress.update(finished)
+        row = {**{p: len(fresh) + i for i, p in enumerate(known)}, **{c: i for i, c in enumerate(fresh)}}
+        run.counts["feature_store_bytes"] = max(run.counts["feature_store_bytes"], inv.store.nbytes)
+        for setting in dict.fromkeys(j.setting for j in mine):
+            for batch in chunks([j for j in mine if j.setting == setting], k):
+                try:
+                    write = run_batch(run, batch, settings[setting].cfg, inv, row, folder)
+                except Exception as e:  # noqa: BLE001
+                    fail(batch, e)
+                    continue
+                writer.submit(batch, write)
 
 
-def run_batch(run, batch: list, cfg: DictConfig, inv, row: dict, folder: Path) -> None:
-    """FFF for these jobs' pairs in one UNet batch, decode, write one PNG each (and its attention diagnostics first,
-    with ``--diagnostics``: a PNG that exists has them, so a resumed run needs nothing else)."""
+def run_batch(run, batch: list, cfg: DictConfig, inv, row: dict, folder: Path) -> Callable[[], None]:
+    """FFF for these jobs' pairs in one UNet batch and the decode; returns what writes one PNG each (and its attention
+    diagnostics first, with ``--diagnostics``: a PNG that exists has them, so a resumed run needs nothing else) and
+    marks each job done once its PNG is in place."""
     diagnostics = None
     if run.args.diagnostics:
         from .diagnostics import AttentionDiagnostics, write_diagnostics
@@ -214,16 +231,20 @@ def run_batch(run, batch: list, cfg: DictConfig, inv, row: dict, folder: Path) -
     run.counts["unet_rows"] += counts["generate_unet_rows"]
     middle = time.perf_counter()
     run.seconds["generate"] += middle - start
-    images = pipeline.decode_latents(run.sd, z)
-    for i, job in enumerate(batch):
-        if diagnostics is not None:
-            write_diagnostics(diagnostics, folder / job.output, i, overwrite=run.overwrite_extras)
-        save_png(to_image(images[i:i + 1]), folder / job.output, run.parameters(cfg, job.content.path, job.style.path),
-                 overwrite=run.args.overwrite)
-        job.status = "done"  # written: a later job's failure in this batch does not undo it
+    images = [to_image(image) for image in pipeline.decode_latents(run.sd, z).split(1)]
+    parameters = [run.parameters(cfg, job.content.path, job.style.path) for job in batch]
     run.seconds["decode"] += time.perf_counter() - middle
     for job in batch:
-        job.seconds = (time.perf_counter() - start) / len(batch)
+        job.seconds = (time.perf_counter() - start) / len(batch)  # the writer adds the writing's share
+
+    def write() -> None:
+        for i, job in enumerate(batch):
+            if diagnostics is not None:
+                write_diagnostics(diagnostics, folder / job.output, i, overwrite=run.overwrite_extras)
+            save_png(images[i], folder / job.output, parameters[i], overwrite=run.args.overwrite)
+            job.status = "done"  # written: a later job's failure in this batch does not undo it
+
+    return write
 
 
 def run_alone(run, job, cfg: DictConfig, folder: Path) -> None:

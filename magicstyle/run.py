@@ -81,7 +81,8 @@ class Run:
     overwrite_extras: bool = False  # diagnostics beside a job's PNG: replaced in a run folder, else only --overwrite
     phases: Progress | None = None  # per-phase bars (a run of one job)
     extra: dict = field(default_factory=dict)  # more report fields of a run of one job (e.g. face_refine)
-    seconds: dict = field(default_factory=lambda: dict.fromkeys(("load", "encode", "invert", "generate", "decode"), 0.0))
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(
+        ("load", "encode", "invert", "generate", "decode", "write"), 0.0))  # write: the PNGs, beside the next batch
     counts: dict = field(default_factory=lambda: dict(unet_evals=0, unet_rows=0, feature_store_bytes=0,
                                                       images_inverted=0, images_from_cache=0))
 

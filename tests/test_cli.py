@@ -102,8 +102,9 @@ def test_run_writes_a_png_with_its_parameters(real_run):
 def test_run_writes_its_report(real_run):
     assert real_run.rc == 0, real_run.err
     r = json.loads(real_run.report.read_text())
-    assert {"load", "encode", "invert", "generate", "decode"} <= r["seconds"].keys()
+    assert {"load", "encode", "invert", "generate", "decode", "write"} <= r["seconds"].keys()
     assert all(isinstance(s, float) and s >= 0 for s in r["seconds"].values())
+    assert r["seconds"]["write"] > 0  # the PNG, written by the background writer (magicstyle/writer.py)
     # memory mode: inversion is 1 call per step (guidance 1), generation 1 batched (cond + uncond) call per step
     assert r["unet_evals"] == 2 * STEPS
     assert r["unet_rows"] == 2 * STEPS + 2 * STEPS
