@@ -31,7 +31,11 @@ reference rows, and their number); a store that records, CSDI's, has no pairs an
 the pairs' images, and ``record`` puts its tensors in ``pending``, which the next ``step`` files under (layer, t) as
 copies.  So neither a timestep nor an image index is a constant of the compiled graph: one graph serves every step,
 and every batch of a grid with the same number of pairs (recompute mode: and of reference rows), whichever images they
-pair.  Nothing kept points into a CUDA graph's memory, which its next replay overwrites.
+pair.  Nothing kept points into a CUDA graph's memory, which its next replay overwrites.  TorchDynamo takes tensors
+reached through the UNet's attributes (layer -> recipe -> store) as static inputs, which CUDA graphs read in place at
+the address they were recorded with (a new address makes them record the graph again instead of replaying it): so
+with a compiled UNet ``step`` refills the runner's ``store_buffers`` (``buffers`` here), one per layer, role and shape,
+instead of making new tensors.
 """
 from __future__ import annotations
 
@@ -68,6 +72,8 @@ class FeatureStore:
     pairs: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1)])
     cfg_rows: str = "both"  # FFF under guidance: the recipe runs in both branches' rows, or only the conditional's
     observer: Observer | None = None  # FFF: diagnostics, if asked for
+    # FFF with a compiled UNet: its runner's buffers, which ``step`` fills in place (module docstring); else None
+    buffers: dict | None = field(default=None, repr=False, compare=False)
     _row_pairs: list[int] = field(default_factory=list, repr=False)  # pair of each row handed to the recipe
     # set by ``step`` (see the module's docstring)
     on: bool = field(default=False, init=False, repr=False, compare=False)
@@ -98,28 +104,46 @@ class FeatureStore:
         self.t, self.pending = t, {}
         self.on = self.active
         reads = self.on and self.pairs
-        self.current = {path: self._per_pair(h) for (path, s), h in self.features.items() if s == t} if reads else {}
-        self.compact = self._compact(self.latents[t][0].device) if reads and self.mode == "recompute" else None
+        self.current = {path: self._per_pair(h, path) for (path, s), h in self.features.items() if s == t and reads}
+        if reads and self.mode == "recompute" and self.compact is None:  # the pairs' indices: once per store
+            self.compact = self._compact(self.latents[t][0].device)
 
-    def _per_pair(self, per_image: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _per_pair(self, per_image: list[torch.Tensor], path: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One tensor (N, C) per image -> (h_c, h_s): each pair's content and style, (P, N, C), or (1, N, C) for a
         single pair."""
-        content, style = zip(*self.pairs)
-        return torch.stack([per_image[i] for i in content]), torch.stack([per_image[i] for i in style])
+        stacked = []
+        for role, images in zip(("content", "style"), zip(*self.pairs)):
+            parts = [per_image[i] for i in images]
+            out = self._buffer((path, role), (len(parts), *parts[0].shape), parts[0].dtype, parts[0].device)
+            stacked.append(torch.stack(parts, out=out))
+        return stacked[0], stacked[1]
 
     def _compact(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
         """recompute mode: each pair's content and style as indices into the reference rows (``reference_images``),
         (P,) each on ``device``, and the number of reference rows."""
         refs = self.reference_images
-        index = torch.tensor([[refs.index(c), refs.index(s)] for c, s in self.pairs], device=device)  # (P, 2)
+        index = torch.tensor([[refs.index(c), refs.index(s)] for c, s in self.pairs])  # (P, 2), on the CPU
+        out = self._buffer(("compact",), index.shape, index.dtype, device)
+        index = out.copy_(index) if out is not None else index.to(device)
         return index[:, 0], index[:, 1], len(refs)
+
+    def _buffer(self, key: tuple, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """The compiled runner's buffer for ``key`` and this shape (made on first use), or None without one: CUDA
+        graphs read the tensors ``step`` hands the recipes in place, at the address they were recorded with, so these
+        are refilled every step instead of made anew (module docstring)."""
+        if self.buffers is None:
+            return None
+        key = (*key, tuple(shape), dtype, device)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return self.buffers[key]
 
     def _features(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
         """memory mode: the stored input of layer ``path`` at the current timestep, per pair (``_per_pair``): what
         ``step`` stacked, or (a store moved to ``t`` without ``step``, as some tests do) stacked now."""
         if is_compiling() or path in self.current:
             return self.current[path]
-        return self._per_pair(self.features[(path, self.t)])
+        return self._per_pair(self.features[(path, self.t)], path)
 
     # -- CSDI -------------------------------------------------------------------------------------------------------
     def record(self, path: str, x: torch.Tensor) -> None:
@@ -141,7 +165,7 @@ class FeatureStore:
         """The store of the images ``indices`` (in that order): the same tensors, nothing copied."""
         indices = list(indices)
         return replace(
-            self, t=None, images=len(indices), pairs=[], observer=None,
+            self, t=None, images=len(indices), pairs=[], observer=None, buffers=None,
             features={k: [v[i] for i in indices] for k, v in self.features.items()},
             latents={k: [v[i] for i in indices] for k, v in self.latents.items()},
         )
@@ -157,7 +181,7 @@ class FeatureStore:
             ):
                 raise ValueError("only inversions with the same store mode, dtype, steps and layers can be merged")
         return replace(
-            first, t=None, images=sum(s.images for s in stores), pairs=[], observer=None,
+            first, t=None, images=sum(s.images for s in stores), pairs=[], observer=None, buffers=None,
             features={k: [h for s in stores for h in s.features[k]] for k in first.features},
             latents={k: [z for s in stores for z in s.latents[k]] for k in first.latents},
         )

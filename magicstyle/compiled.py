@@ -5,10 +5,12 @@ On a GPU the eager UNet is bound by kernel launches (about 1000 per forward: bat
 input shape and recipe set, without giving up the recipe interface: the recipes are traced into the graph like the
 rest of the UNet.  They stay graph-friendly because no timestep and no image index is a constant of the graph: the
 pipeline moves the feature store to each step with ``store.step(t)``, and inside the graph the recipes read the store's
-``on``, ``current`` (this step's features stacked per pair, which the CUDA graph copies into its static input buffers
-on every replay) and ``compact`` (recompute mode: index tensors into the reference rows), and ``record`` leaves its
-tensors in ``pending``, which the next ``step`` copies out of the graph's memory (attention/store.py).  So one graph
-serves all 30 steps, and CSDI, FFF and each batch shape get one each, whichever images a batch pairs.
+``on``, ``current`` (this step's features stacked per pair) and ``compact`` (recompute mode: index tensors into the
+reference rows), and ``record`` leaves its tensors in ``pending``, which the next ``step`` copies out of the graph's
+memory (attention/store.py).  So one graph serves all 30 steps, and CSDI, FFF and each batch shape get one each,
+whichever images a batch pairs.  CUDA graphs read ``current`` and ``compact`` in place (TorchDynamo takes tensors
+reached through the module's attributes as static inputs), so ``step`` refills the runner's ``store_buffers`` at fixed
+addresses instead of making new tensors, which would make CUDA graph trees record the graph again every step.
 
 ``auto`` turns it on for a CUDA run of at least ``AUTO_MIN_JOBS`` jobs and off elsewhere.  On an H100 compiling and
 warming up one graph took 74 s and saved 24.5 ms per batch-2 forward (32.1 -> 7.6 ms; ``bench/README.md``): with a
@@ -60,6 +62,7 @@ class CompiledUNet:
         setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT))
         options = {"mode": mode} if backend == "inductor" else {}
         self.unet = unet
+        self.store_buffers: dict = {}  # what the store hands the recipes, at fixed addresses (attention/store.py)
         self.fn = torch.compile(unet, backend=backend, dynamic=False, fullgraph=fullgraph, **options)
         self.graphs = backend == "inductor" and mode in ("reduce-overhead", "max-autotune")
 

@@ -38,6 +38,7 @@ class CountedUNet:
     def __init__(self, unet: UNet, *, eager: bool = False):
         self.unet, self.calls, self.rows = unet, 0, 0
         self.run = runner(unet, eager=eager)
+        self.store_buffers = getattr(self.run, "store_buffers", None)  # a compiled runner's (FeatureStore.buffers)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         self.calls, self.rows = self.calls + 1, self.rows + x.shape[0]

@@ -102,15 +102,16 @@ def fff(
     if recorded is not None and (missing := [i for i, t in enumerate(timesteps) if t in used and t not in recorded]):
         raise ConfigError(f"ffa.timesteps: the inversion recorded no features at steps {missing}; "
                           "run CSDI with these ffa.timesteps (or all)")
+    model = CountedUNet(sd.unet, eager=diagnostics is not None)  # the observer is Python reading tensors
     # FFF's own view of the inversion's store: these pairs, these steps (the features are shared, not copied)
-    store = replace(inversion.store, t=None, timesteps=used, pairs=pairs, cfg_rows=cfg.ffa.cfg_rows, observer=None)
+    store = replace(inversion.store, t=None, timesteps=used, pairs=pairs, cfg_rows=cfg.ffa.cfg_rows, observer=None,
+                    buffers=model.store_buffers)
     if diagnostics is not None:
         store.observer = diagnostics.begin(layers, timesteps, pairs, size=inversion.z_T.shape[-1] * 8,
                                            recipe=cfg.ffa.recipe)
     content, style = (inversion.z_T[list(idx)] for idx in zip(*pairs))  # (P, 4, h, w) each
     z_T = adain(content, style, dim=(2, 3)) if cfg.ffa.adain_latents else content  # eq. 4: per channel, spatial axes
     cond, uncond = encode_text(sd, [cfg.generation.prompt, cfg.generation.negative_prompt], cfg.model.clip_layer).chunk(2)
-    model = CountedUNet(sd.unet, eager=diagnostics is not None)  # the observer is Python reading tensors
     guided = cfg_eps_fn(with_reference_rows(model, store, inversion.context), cond, uncond, cfg.generation.guidance)
 
     def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:

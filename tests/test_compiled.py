@@ -142,6 +142,41 @@ def test_a_grid_batch_of_other_images_replays_the_fff_graph(mini, mode):
         sd.unet.__dict__.pop("compiled")
 
 
+@pytest.mark.parametrize("mode", ["memory", "recompute"])
+def test_the_graph_reads_the_store_at_the_same_addresses_every_step(mini, mode, monkeypatch):
+    """TorchDynamo takes what the recipes read through the UNet's attributes as static inputs, which CUDA graphs read
+    in place at the address they were recorded with (a new address records the graph again).  So with a compiled
+    UNet every step's stacked features (memory mode) and pair indices (recompute mode) sit in the runner's buffers:
+    the same address at every step and every FFF call of the same shape, and the same latents as eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    sd, z0 = mini
+    cfg = load_config(None, {**TINY, "ffa": {"layers": "all"}, "store": {"mode": mode}})
+    set_prepack(sd.unet, False)
+    inversion = csdi(sd, z0, cfg)
+    eager = fff(sd, inversion, cfg)
+    addresses: dict = {}
+    step = FeatureStore.step
+
+    def recording(store, t):
+        step(store, t)
+        tensors = {**{(p, r): h for p, pair in store.current.items() for r, h in enumerate(pair)},
+                   **({"compact": store.compact[0]} if store.compact is not None else {})}
+        for key, tensor in tensors.items():
+            addresses.setdefault(key, set()).add(tensor.data_ptr())
+
+    monkeypatch.setattr(FeatureStore, "step", recording)
+    compile_unet(sd.unet, backend=CompileCounterWithBackend("aot_eager"), fullgraph=True)
+    try:
+        for _ in range(2):
+            torch.testing.assert_close(fff(sd, inversion, cfg), eager, rtol=1e-5, atol=1e-5)
+    finally:
+        sd.unet.__dict__.pop("compiled")
+    assert addresses and all(len(a) == 1 for a in addresses.values()), addresses
+    if mode == "recompute":
+        assert "compact" in addresses
+
+
 def test_reading_a_tensor_into_a_given_buffer():
     """The loader's path to a GPU reads each tensor into a (pinned) buffer it reuses: same values as a fresh read."""
     from models.safetensors_file import SafetensorsFile
