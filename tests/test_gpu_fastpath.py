@@ -30,9 +30,19 @@ def test_pinned_asynchronous_load_gives_the_checkpoint():
 
 
 @pytest.mark.parametrize("mode", ["memory", "recompute"])
-def test_compiled_unet_gives_the_eager_latents(mode):
-    """Inductor + CUDA graphs on a one-level UNet (a short compile): the same latents as eager, and the graphs
-    replayed for every step of a second run (features kept by CSDI are copies, not a graph's buffers)."""
+def test_compiled_unet_gives_the_eager_latents(mode, monkeypatch):
+    """Inductor + CUDA graphs on a one-level UNet (a short compile): the same latents as eager, and a second run that
+    compiles nothing and records no CUDA graph, only replays (features kept by CSDI are copies, not a graph's buffers;
+    the store's per-step tensors stay at the addresses the graphs were recorded with)."""
+    import torch._inductor.cudagraph_trees as trees
+
+    from magicstyle.compiled import compile_seconds
+
+    records = []
+    record = getattr(trees.CUDAGraphTreeManager, "record_function", None)  # a private name: counted where it exists
+    if record is not None:
+        monkeypatch.setattr(trees.CUDAGraphTreeManager, "record_function",
+                            lambda self, *a, **k: records.append(1) or record(self, *a, **k))
     cfg = load_config(None, {**TINY, "ffa": {"layers": "all"}, "store": {"mode": mode}})
     sd = load_model(cfg)
     torch.manual_seed(0)
@@ -43,7 +53,11 @@ def test_compiled_unet_gives_the_eager_latents(mode):
     z0 = encode_images(sd, images)
     eager = fff(sd, csdi(sd, z0, cfg), cfg)
     compile_unet(sd.unet)
-    for _ in range(2):
+    for _ in range(2):  # the first run compiles and records; the second only replays
+        compiled, recorded = compile_seconds(), len(records)
         inversion = csdi(sd, z0, cfg)
         z = fff(sd, inversion, cfg)
         torch.testing.assert_close(z, eager, rtol=1e-3, atol=1e-3)
+    assert compile_seconds() == compiled, "the second run compiled again"
+    assert len(records) == recorded, f"the second run recorded {len(records) - recorded} CUDA graphs instead of replaying"
+    assert record is None or recorded > 0, "the first run recorded no CUDA graph"
