@@ -84,6 +84,15 @@ def test_select_and_cat(sd, z0, mode):
     assert torch.equal(fff(sd, picked, cfg), fff(sd, inversion, cfg, pairs=[(3, 2)]))
     with pytest.raises(ConfigError, match="merged"):
         Inversion.cat([inversion, csdi(sd, z0[:1], config(store={"mode": mode}, steps=2))])
+    # the same prompt's embedding to within rounding (a cache entry from another GPU) merges; another prompt does not
+    other = inversion.select([1])
+    for context, merges in ((other.context * (1 + 1e-4), True), (other.context.flip(1), False)):
+        other.context = context
+        if merges:
+            assert len(Inversion.cat([inversion.select([0]), other])) == 2
+        else:
+            with pytest.raises(ConfigError, match="prompt"):
+                Inversion.cat([inversion.select([0]), other])
     with pytest.raises(ConfigError, match="pair"):
         fff(sd, inversion, cfg, pairs=[(0, 4)])
     with pytest.raises(IndexError):
