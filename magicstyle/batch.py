@@ -23,6 +23,7 @@ from models.errors import MagicStyleError, first_line
 
 from . import cache, pipeline
 from .images import save_png, to_image
+from .model import device_of
 from .progress import Progress
 from .writer import Writer
 
@@ -49,11 +50,6 @@ def runtime_failure(e: Exception) -> str | None:
         return (f"{first_line(e, typed=True)}; check that file and the free space, then run again (finished outputs "
                 "are kept, nothing half-written)")
     return None
-
-
-def device_of(sd) -> torch.device:
-    unet = getattr(sd, "unet", None)
-    return next(unet.parameters()).device if unet is not None else torch.device("cpu")
 
 
 def auto_pairs(free: int, size: int, image_bytes: int, rows: int, unet_bytes: int, vae_bytes: int) -> int:
@@ -107,13 +103,13 @@ def invert(run, paths: list[Path], cfg: DictConfig, batch: int = INVERT_BATCH):
 
 def csdi(run, paths: list[Path], cfg: DictConfig):
     """Encode and invert one batch of images, counting the time and UNet work."""
-    start = time.perf_counter()
+    start = pipeline.clock(run.sd)
     images = torch.cat([pipeline.load_image(path, cfg.size) for path in paths])  # (n, 3, size, size)
     z0 = pipeline.encode_images(run.sd, images, cfg.seed if cfg.inversion.sample_posterior else None)
-    run.seconds["encode"] += time.perf_counter() - start
-    start, counts = time.perf_counter(), {}
+    run.seconds["encode"] += pipeline.clock(run.sd) - start
+    start, counts = pipeline.clock(run.sd), {}
     inv = pipeline.csdi(run.sd, z0, cfg, progress=run.phases, stats=counts)
-    run.seconds["invert"] += time.perf_counter() - start
+    run.seconds["invert"] += pipeline.clock(run.sd) - start
     run.counts["unet_evals"] += counts["invert_unet_calls"]
     run.counts["unet_rows"] += counts["invert_unet_rows"]
     run.counts["images_inverted"] += len(paths)
@@ -224,18 +220,18 @@ def run_batch(run, batch: list, cfg: DictConfig, inv, row: dict, folder: Path) -
     if run.args.diagnostics:
         from .diagnostics import AttentionDiagnostics, write_diagnostics
         diagnostics = AttentionDiagnostics.from_config(cfg)
-    start, counts = time.perf_counter(), {}
+    start, counts = pipeline.clock(run.sd), {}
     pairs = [(row[j.content.path], row[j.style.path]) for j in batch]
     z = pipeline.fff(run.sd, inv, cfg, pairs=pairs, diagnostics=diagnostics, progress=run.phases, stats=counts)
     run.counts["unet_evals"] += counts["generate_unet_calls"]
     run.counts["unet_rows"] += counts["generate_unet_rows"]
-    middle = time.perf_counter()
+    middle = pipeline.clock(run.sd)
     run.seconds["generate"] += middle - start
     images = [to_image(image) for image in pipeline.decode_latents(run.sd, z).split(1)]
     parameters = [run.parameters(cfg, job.content.path, job.style.path) for job in batch]
-    run.seconds["decode"] += time.perf_counter() - middle
+    run.seconds["decode"] += pipeline.clock(run.sd) - middle
     for job in batch:
-        job.seconds = (time.perf_counter() - start) / len(batch)  # the writer adds the writing's share
+        job.seconds = (pipeline.clock(run.sd) - start) / len(batch)  # the writer adds the writing's share
 
     def write() -> None:
         for i, job in enumerate(batch):

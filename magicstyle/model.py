@@ -2,6 +2,7 @@
 uses them (images <-> scaled latents, prompts -> embeddings)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -87,6 +88,21 @@ def load_model(cfg: DictConfig, jobs: int = 1) -> SD15:
 
 
 @torch.no_grad()
+def device_of(sd: SD15) -> torch.device:
+    """Where the model's UNet is (the CPU for a stand-in without one, as some tests use)."""
+    unet = getattr(sd, "unet", None)
+    return next(unet.parameters()).device if unet is not None else torch.device("cpu")
+
+
+def clock(sd: SD15) -> float:
+    """``time.perf_counter()`` once the model's queued GPU work is done, so that a phase's seconds are its own (a CUDA
+    call returns before its kernels have run); on a CPU, the clock alone."""
+    device = device_of(sd)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def encode_text(sd: SD15, prompts: list[str], layer: str = "last") -> torch.Tensor:
     """prompts -> (B, 77, D) in the UNet's dtype."""
     device = next(sd.text_encoder.parameters()).device

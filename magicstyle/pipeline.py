@@ -33,7 +33,8 @@ from .config import ConfigError, load_config
 from .images import to_image
 from .inversion import CountedUNet, Inversion, csdi, ffa_timesteps, inversion_key, recipes, select_layers
 from .model import (
-    LATENT_SCALE, decode_latents, encode_images, encode_text, load_image, load_model, resolve_device, resolve_dtypes,
+    LATENT_SCALE, clock, decode_latents, encode_images, encode_text, load_image, load_model, resolve_device,
+    resolve_dtypes,
 )
 from .progress import Progress
 
@@ -164,9 +165,9 @@ def stylize(
         compiling the UNet (``model.compile``) is also added up in ``seconds["compile"]``."""
         if progress and bar:
             progress.begin(name, 1)
-        start, compiling = time.perf_counter(), compile_seconds()
+        start, compiling = clock(sd), compile_seconds()
         yield
-        seconds[name] = time.perf_counter() - start
+        seconds[name] = clock(sd) - start
         if compiled := compile_seconds() - compiling:
             seconds["compile"] = seconds.get("compile", 0.0) + compiled
         if progress and bar:
