@@ -125,8 +125,13 @@ def encode_images(sd: SD15, images: torch.Tensor, seed: int | None = None) -> to
 
 @torch.no_grad()
 def decode_latents(sd: SD15, z: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> (B, 3, H, W) float32, not clamped."""
-    return sd.vae.decode(z / LATENT_SCALE).float()
+    """Scaled latents -> (B, 3, H, W) float32, not clamped.  A float16 VAE that overflows (SD1.5's can, at 512 px and
+    above: hence ``model.vae_dtype: auto`` keeps it in float32 on a GPU) is an error, not a black image."""
+    images = sd.vae.decode(z / LATENT_SCALE).float()
+    if next(sd.vae.parameters()).dtype == torch.float16 and not torch.isfinite(images).all():
+        raise ConfigError("the VAE decoded infinite or NaN values in float16 (SD1.5's VAE overflows there); "
+                          "use model.vae_dtype=float32 (or auto)")
+    return images
 
 
 def load_image(image: str | Path | Image.Image, size: int) -> torch.Tensor:

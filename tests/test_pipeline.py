@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -349,3 +350,18 @@ def test_a_sampled_latent_depends_on_the_image_and_the_seed_not_on_the_batch():
     mean = encode_images(sd, torch.cat([content, style]))
     assert (both - mean).abs().mean() > 100 * (both - alone).abs().max()  # the noise is there, and per image
     assert not torch.allclose(encode_images(sd, style, seed=4), alone[1:], atol=1e-4)  # another seed, other noise
+
+
+def test_a_float16_vae_that_overflows_is_an_error_not_a_black_image(sd, monkeypatch):
+    """``model.vae_dtype=float16``: SD1.5's VAE can overflow in float16; the result is a one-line error naming the
+    switch, not NaNs turned into a black PNG.  A finite decode passes as before."""
+    from magicstyle.pipeline import decode_latents
+
+    half = copy.deepcopy(sd.vae).half()
+    stand_in = dataclasses.replace(sd, vae=half)
+    z = torch.zeros(1, 4, 8, 8)
+    monkeypatch.setattr(half, "decode", lambda latents: torch.full((1, 3, 64, 64), math.inf, dtype=torch.float16))
+    with pytest.raises(ConfigError, match="vae_dtype=float32"):
+        decode_latents(stand_in, z)
+    monkeypatch.setattr(half, "decode", lambda latents: torch.zeros(1, 3, 64, 64, dtype=torch.float16))
+    assert decode_latents(stand_in, z).dtype == torch.float32
