@@ -11,7 +11,7 @@ def fusion_qkv(q_cs, q_c, k_c, v_c, k_s, v_s, *, alpha: float, beta: float, adai
     """Algorithm 1, lines 3-5: Q = alpha Q^C + beta Q^CS, K = [K^C, K^S], V = [AdaIN(V^C, V^S), V^S].
 
     q_cs: (B, N, C); q_c, k_c, v_c: (1 or B, N, C); k_s, v_s: (1 or B, M, C), the cached features all with the same
-    batch.  Returns q (B, N, C), k and v (1 or B, N + M, C).
+    batch; alpha and beta numbers or 0-dim tensors.  Returns q (B, N, C), k and v (1 or B, N + M, C).
     """
     q = alpha * q_c + beta * q_cs  # line 3, eq. 5
     k = torch.cat([k_c, k_s], dim=1)  # line 4
@@ -47,7 +47,8 @@ class FFA(StoreRecipe):
 
     def __init__(self, store, *, alpha: float, beta: float, adain_values: bool = True):
         super().__init__(store)
-        self.alpha, self.beta, self.adain_values = alpha, beta, adain_values
+        self.alpha, self.beta = store.setting("ffa.alpha", alpha), store.setting("ffa.beta", beta)  # numbers, or
+        self.adain_values = adain_values  # 0-dim tensors read by a compiled UNet (FeatureStore.setting)
 
     def qkv(self, layer, x, h_c, h_s):
         q_c, k_c, v_c = layer.qkv(h_c)  # Q^C, K^C, V^C (eq. 3), from the cached content input

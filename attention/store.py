@@ -127,6 +127,14 @@ class FeatureStore:
         index = out.copy_(index) if out is not None else index.to(device)
         return index[:, 0], index[:, 1], len(refs)
 
+    def setting(self, name: str, value: float) -> float | torch.Tensor:
+        """A recipe's float setting (``ffa.beta``, ...): the number itself, or with a compiled UNet a 0-dim tensor in
+        the runner's buffers, refilled by each FFF, so that a sweep over the setting replays one graph instead of
+        compiling one per value (a number read in the graph would be a constant of it)."""
+        tensors = [*(v[0] for v in self.features.values()), *(v[0] for v in self.latents.values())]
+        buffer = self._buffer(("setting", name), (), torch.float32, tensors[0].device) if tensors else None
+        return value if buffer is None else buffer.fill_(value)
+
     def _buffer(self, key: tuple, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """The compiled runner's buffer for ``key`` and this shape (made on first use), or None without one: CUDA
         graphs read the tensors ``step`` hands the recipes in place, at the address they were recorded with, so these

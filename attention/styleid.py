@@ -34,7 +34,8 @@ def styleid_attention(
 class StyleID(StoreRecipe):
     def __init__(self, store, *, gamma: float, temperature: float):
         super().__init__(store)
-        self.gamma, self.temperature = gamma, temperature
+        self.gamma = store.setting("styleid.gamma", gamma)  # numbers, or 0-dim tensors read by a compiled UNet
+        self.temperature = store.setting("styleid.temperature", temperature)  # (FeatureStore.setting)
 
     def qkv(self, layer, x, h_c, h_s):
         q_c, k_s, v_s = layer.to_q(h_c), layer.to_k(h_s), layer.to_v(h_s)  # Q^C; K^S, V^S (eq. 3)

@@ -177,6 +177,31 @@ def test_the_graph_reads_the_store_at_the_same_addresses_every_step(mini, mode, 
         assert "compact" in addresses
 
 
+def test_a_sweep_of_a_recipe_setting_replays_one_graph(mini):
+    """With a compiled UNet the recipes' float settings (ffa.alpha/beta, styleid.gamma/temperature) are 0-dim tensors
+    in the runner's buffers, not constants of the graph: a beta sweep (the paper's Fig. 5) and a gamma sweep compile
+    one FFF graph each (the recipe is part of the graph), and each value gives its eager latents."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    sd, z0 = mini
+    set_prepack(sd.unet, False)
+    inversion = csdi(sd, z0, load_config(None, {**TINY, "ffa": {"layers": "all"}}))
+    sweep = [{"ffa": {"layers": "all", "alpha": 1 - beta, "beta": beta}} for beta in (0.2, 0.5, 0.9)]
+    sweep += [{"ffa": {"layers": "all", "recipe": "styleid"}, "styleid": {"gamma": g, "temperature": 1 + g}}
+              for g in (0.3, 0.75)]
+    configs = [load_config(None, {**TINY, **overrides}) for overrides in sweep]
+    eager = [fff(sd, inversion, cfg) for cfg in configs]
+    assert not torch.allclose(eager[0], eager[2])  # the values matter
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_unet(sd.unet, backend=counter, fullgraph=True)
+    try:
+        for cfg, want in zip(configs, eager):
+            torch.testing.assert_close(fff(sd, inversion, cfg), want, rtol=1e-5, atol=1e-5)
+        assert counter.frame_count == 2, f"{counter.frame_count} graphs"  # one for ffa, one for styleid
+    finally:
+        sd.unet.__dict__.pop("compiled")
+
+
 def test_reading_a_tensor_into_a_given_buffer():
     """The loader's path to a GPU reads each tensor into a (pinned) buffer it reuses: same values as a fresh read."""
     from models.safetensors_file import SafetensorsFile
