@@ -9,7 +9,8 @@ Reads the run's ``index.json`` (format ``magicstyle-run/1``), embeds every outpu
                                jobs where both faces are found; ``faces_missing`` counts the others (never scored)
     fid_style, fid_content     FID of the setting's outputs against its style images / content images (each once)
     lpips                      mean LPIPS (AlexNet) output vs content (StyleID's content fidelity)
-    fid_art, artfid            FID against the styles on ArtFID's Inception (FID's if none is given);
+    fid_art, artfid            FID against the styles on ArtFID's own Inception (``models.artfid_inception.file``;
+                               empty without it: never FID's network under ArtFID's name);
                                ArtFID = (1 + LPIPS) (1 + FID_art)  (Wright and Ommer 2022, as StyleID reports it)
 """
 from __future__ import annotations
@@ -138,15 +139,20 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b))  # both unit length
 
 
+def has_artfid(cfg: DictConfig) -> bool:
+    """Whether ArtFID's Inception weights are configured (``models.artfid_inception.file``); without them FID (ArtFID)
+    and ArtFID are not computed (they are defined on that network only)."""
+    return bool(cfg.models.artfid_inception.get("file"))
+
+
 def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[dict], dict]:
     """Rows (one per setting, keys ``COLUMNS``) and the index.  Model files are checked before any work."""
     run_dir = Path(run_dir)
     index = read_index(run_dir)
     metrics = list(cfg.metrics)
-    art = "artfid" if cfg.models.artfid_inception.file else "inception"  # no ArtFID weights: FID's features
-    kinds = list(dict.fromkeys(k for k, m in (("clip", "clip"), ("dino", "dino"), ("face", "face"),
-                                              ("inception", "fid"), (art, "styleid"), ("lpips", "styleid"))
-                               if m in metrics))
+    art = "artfid" if has_artfid(cfg) else None  # no ArtFID weights: fid_art and artfid stay empty
+    kinds = [k for k, m in (("clip", "clip"), ("dino", "dino"), ("face", "face"), ("inception", "fid"),
+                            (art, "styleid"), ("lpips", "styleid")) if m in metrics and k]
     models = {kind: features.model_files(kind, cfg) for kind in kinds}  # a missing one fails before any work
     device = resolve_device(cfg.device, mps=False)  # auto: CUDA, else the CPU (the metrics' models are not run on MPS)
 
@@ -241,6 +247,9 @@ def run_evaluation(run_dir: str | Path, *, config: str | None = None, dotlist: l
     note = (f"Run {index.get('run', run_dir.name)}: N = {', '.join(map(str, n))} outputs per setting. FID on so few "
             "images is biased upward (its bias falls with N); compare FIDs only at the same N."
             if "fid" in cfg.metrics or "styleid" in cfg.metrics else f"Run {index.get('run', run_dir.name)}.")
+    if "styleid" in cfg.metrics and not has_artfid(cfg):
+        note += (" FID (ArtFID) and ArtFID are empty: they need ArtFID's Inception weights (models.artfid_inception."
+                 f"file, {cfg.models.artfid_inception.source}).")
     for key, text in (("markdown", markdown(rows, columns, note)), ("csv", csv_text(rows, columns))):
         write_atomic(paths[key], text.encode(), overwrite=overwrite, what="evaluation output")
     plot = scatter_png(rows, index["settings"], cfg.content_axis) if "clip" in cfg.metrics else None

@@ -4,7 +4,7 @@
     dino       DINO ViT-S/16 CLS token (timm), unit length              DINO   = cosine
     face       ArcFace embedding of the largest SCRFD face, unit length, or NaN when no face is found
     inception  FID Inception-v3 pool3 (2048)                            FID
-    artfid     the same on ArtFID's Inception weights (``evaluate`` uses FID's features when none are given)
+    artfid     ArtFID's Inception-v3 (art_inception.pth) pooled (2048)  FID (ArtFID); only with its file configured
 """
 from __future__ import annotations
 
@@ -103,15 +103,27 @@ def face_embedder(detector_path: Path, arcface_path: Path) -> Embedder:
     return embed
 
 
-def inception_embedder(path: Path, device: torch.device, name: str = "fid_inception") -> Embedder:
+def inception_embedder(path: Path, device: torch.device) -> Embedder:
     from .fid import load_inception
 
-    model = load_inception(path, name).to(device)
+    model = load_inception(path).to(device)
 
     @torch.no_grad()
-    def embed(img: Image.Image) -> np.ndarray:
+    def embed(img: Image.Image) -> np.ndarray:  # pytorch-fid's input: [0, 1] (the model resizes and rescales)
         x = torch.from_numpy(np.asarray(img, np.float32) / 255.0).permute(2, 0, 1)[None].to(device)
         return model(x)[0].float().cpu().numpy()
+
+    return embed
+
+
+def artfid_embedder(path: Path, device: torch.device) -> Embedder:
+    from .artfid import load_art_inception, preprocess
+
+    model = load_art_inception(path).to(device)
+
+    @torch.no_grad()
+    def embed(img: Image.Image) -> np.ndarray:  # StyleID's input: shorter side 512, [0, 1]
+        return model(preprocess(img)[None].to(device))[0].float().cpu().numpy()
 
     return embed
 
@@ -153,13 +165,20 @@ def embedder(kind: str, cfg: DictConfig, files: list[Path], device: torch.device
         return dino_embedder(cfg.models.dino, files[0], device)
     if kind == "face":
         return face_embedder(*files)
-    return inception_embedder(files[0], device, *ENTRIES[kind])
+    if kind == "artfid":
+        return artfid_embedder(files[0], device)
+    return inception_embedder(files[0], device)
 
 
 def cache_name(kind: str, cfg: DictConfig, files: list[Path]) -> str:
-    """One cache per feature kind and model (name and file), so that another model never reads stale vectors."""
+    """One cache per feature kind and model (name and file), so that another model never reads stale vectors.
+    ArtFID's name carries its input size (``s512``; its caches from before ArtFID had its own network are orphaned)."""
     stems = "-".join(p.stem for p in files)
     name = cfg.models.get(kind, {}).get("name", "") if kind in ("clip", "dino") else ""
+    if kind == "artfid":
+        from .artfid import SHORTER_SIDE
+
+        name = f"s{SHORTER_SIDE}"
     return f"{kind}-{name}-{stems}.npz".replace("/", "_")
 
 

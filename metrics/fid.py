@@ -106,6 +106,12 @@ class FIDInceptionE(tv.InceptionE):
         return [self.branch1x1(x), b3, d, self.branch_pool(pooled)]
 
 
+# Inception3's modules from the input to the pooled features, in order (shared with ArtFID's network, metrics/artfid.py)
+LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2",
+          "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a",
+          "Mixed_7b", "Mixed_7c", "avgpool")
+
+
 class FIDInception(tv.Inception3):
     """``model(images (N, 3, H, W) in [0, 1]) -> (N, 2048)`` pool3 features.  Keys as in the FID weights file."""
 
@@ -120,16 +126,13 @@ class FIDInception(tv.Inception3):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
-        for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
-                     "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
-                     "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"):
+        for name in LAYERS:
             x = getattr(self, name)(x)
         return x.flatten(1)  # (N, 2048)
 
 
 def load_inception(path: str | Path, name: str = "fid_inception") -> FIDInception:
-    """The FID Inception from a state dict file (pytorch-fid's, or ArtFID's of the same architecture: ``name``
-    ``artfid_inception``, for the messages)."""
+    """The FID Inception from pytorch-fid's state dict file (ArtFID's network is another: ``metrics.artfid``)."""
     state = read_state_dict(path, name)
     classes = state["fc.weight"].shape[0] if "fc.weight" in state else 1008
     model = FIDInception(num_classes=classes)

@@ -115,6 +115,31 @@ def inception_state_dict(path: Path) -> Path:
     return path
 
 
+def art_inception_state_dict(path: Path, classes: tuple[int, int] = (7, 5)) -> Path:
+    """A random state dict in the layout of ArtFID's ``art_inception.pth``, made from torchvision's ``Inception3``
+    (not from our class): its ``fc`` and ``AuxLogits`` heads become ArtFID's two, ``fc1``/``AuxLogits1`` with
+    ``classes[0]`` outputs and ``fc2``/``AuxLogits2`` with ``classes[1]``.  Convolutions get He-normal weights so that
+    activations stay O(1) through the 94 layers (features worth comparing)."""
+    from torchvision.models import Inception3
+
+    torch.manual_seed(0)
+    model = Inception3(num_classes=max(classes), aux_logits=True, init_weights=False)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0, (2 / m.weight[0].numel()) ** 0.5)
+    state = {}
+    for key, value in model.state_dict().items():
+        head = "fc." if key.startswith("fc.") else "AuxLogits." if key.startswith("AuxLogits.") else None
+        if head is None:
+            state[key] = value
+            continue
+        for n, rows in zip("12", classes):
+            classifier = key.startswith(("fc.", "AuxLogits.fc."))
+            state[head[:-1] + n + key[len(head) - 1:]] = value[:rows] if classifier else value
+    torch.save(state, path)
+    return path
+
+
 def lpips_files(folder: Path) -> tuple[Path, Path]:
     """torchvision AlexNet weights (only ``features.*``, to stay small) and LPIPS v0.1 linear layers."""
     from torchvision.models import alexnet

@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 
 import evaluate as evaluate_cli
-from _eval_models import eval_models, inception_state_dict, lpips_files, open_clip_model, timm_vit
-from metrics import FIDInception, fid_between, frechet_distance, gaussian, load_inception, load_lpips, run_evaluation
+from _eval_models import art_inception_state_dict, eval_models, inception_state_dict, lpips_files, open_clip_model, \
+    timm_vit
+from metrics import FIDInception, fid_between, frechet_distance, gaussian, load_art_inception, load_inception, \
+    load_lpips, run_evaluation
 from metrics import features as features_module
 from metrics.report import sweep_lines
 
@@ -73,6 +75,53 @@ def test_fid_inception_state_dict_has_the_real_keys(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(Exception, match="not an FID Inception"):
         load_inception(tmp_path / "other.pth")
+
+
+@pytest.fixture(scope="module")
+def art_file(tmp_path_factory):
+    return art_inception_state_dict(tmp_path_factory.mktemp("art") / "art_inception.pth")
+
+
+def test_art_inception_loads_artfids_layout_strictly(art_file, tmp_path):
+    """ArtFID's file (two heads fc1/fc2, AuxLogits1/2, class counts from the file) loads; a key short or another
+    network's file is one line, and FID's loader refuses ArtFID's file (it is not FID's network)."""
+    model = load_art_inception(art_file)
+    assert model.fc1.out_features == 7 and model.fc2.out_features == 5
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 80, 96)).shape == (2, 2048)
+    state = torch.load(art_file)
+    del state["fc2.bias"]
+    torch.save(state, tmp_path / "short.pth")
+    with pytest.raises(Exception, match="not ArtFID's Inception-v3 state dict .missing key fc2.bias"):
+        load_art_inception(tmp_path / "short.pth")
+    with pytest.raises(Exception, match="not ArtFID's Inception-v3 state dict .missing key AuxLogits1"):
+        load_art_inception(inception_state_dict(tmp_path / "pt_inception.pth"))
+    with pytest.raises(Exception, match="not an FID Inception"):
+        load_inception(art_file)
+
+
+def test_art_inception_preprocessing_is_styleids():
+    """Shorter side to 512 (torchvision's Resize(512)), then [0, 1]: no 299 squash, no [-1, 1] scaling."""
+    from metrics.artfid import preprocess
+
+    x = preprocess(Image.new("RGB", (300, 200), (255, 0, 51)))
+    assert x.shape == (3, 512, 768)
+    torch.testing.assert_close(x[:, 0, 0], torch.tensor([1.0, 0.0, 0.2]))
+    a = np.random.default_rng(0).integers(0, 256, (512, 512, 3)).astype(np.uint8)  # 512 px: kept as it is
+    torch.testing.assert_close(preprocess(Image.fromarray(a)), torch.from_numpy(a).permute(2, 0, 1).float() / 255)
+
+
+def test_art_inception_equals_the_art_fid_package(art_file):
+    """Optional (runs where the ``art_fid`` package is installed): its Inception3 takes the file strictly (the same
+    layout) and gives the same features on the same input, as its ``compute_fid`` calls it."""
+    ai = pytest.importorskip("art_fid.inception")
+    ref = ai.Inception3(num_classes1=7, num_classes2=5, init_weights=False)
+    ref.load_state_dict(torch.load(art_file), strict=True)
+    x = torch.rand(2, 3, 96, 112)
+    with torch.no_grad():
+        want = ref.eval()(x, return_features=True)
+        torch.testing.assert_close(load_art_inception(art_file)(x), want)
+    assert want.abs().mean() > 0.01
 
 
 def test_lpips_loading_and_identity(tmp_path):
@@ -186,12 +235,14 @@ def test_evaluate_writes_table_csv_and_plot(tmp_path, models, monkeypatch):
     assert [r["setting"] for r in rows] == ["ffa.beta=0.2", "ffa.beta=0.4", "ffa.recipe=plain"]
     assert [r["n"] for r in rows] == ["4", "4", "4"] and rows[0]["not_done"] == "1"
     for r in rows:
-        for column in ("clip_content", "clip_style", "dino_content", "fid_style", "fid_content", "lpips", "artfid"):
+        for column in ("clip_content", "clip_style", "dino_content", "fid_style", "fid_content", "lpips"):
             assert np.isfinite(float(r[column])), column
+        assert r["fid_art"] == r["artfid"] == ""  # no ArtFID weights: never FID's network under ArtFID's name
     assert rows[0]["faces_missing"] == "0" and rows[2]["faces_missing"] == "2"  # dark outputs: never scored
     assert -1 <= float(rows[2]["facesim"]) <= 1
     table = paths["markdown"].read_text()
     assert "| ffa.recipe=plain |" in table and "CLIP-I style" in table and "N = 4" in table
+    assert "FID (ArtFID) and ArtFID are empty: they need ArtFID's Inception weights" in table
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # A second evaluation of a grown run embeds only the new image, and replaces the tables only with overwrite.
@@ -211,23 +262,30 @@ def test_evaluate_writes_table_csv_and_plot(tmp_path, models, monkeypatch):
     assert rows[0]["n"] == "5" and rows[0]["not_done"] == "0"
 
 
-def test_artfid_uses_its_own_inception_weights_when_given(tmp_path, models, monkeypatch):
-    """Without ``models.artfid_inception.file`` FID (ArtFID) reuses FID's features; with it, the style FID is
-    computed again on those weights (here a link to FID's file under ArtFID's name: the same figure, its own cache)."""
+def test_artfid_runs_artfids_own_inception(tmp_path, models, art_file, monkeypatch):
+    """FID (ArtFID) and ArtFID come from ArtFID's network and pre-processing (its file in its own layout, which FID's
+    loader refuses), cached apart from FID's features; FID's own columns are unchanged by it."""
+    import metrics.artfid
     import metrics.evaluation
+    from metrics.artfid import preprocess
 
     monkeypatch.setattr(metrics.evaluation, "fid_between", lambda a, b: fid_between(a[:, :16], b[:, :16]))
+    monkeypatch.setattr(metrics.artfid, "SHORTER_SIDE", 75)  # 512 in use; the smallest Inception input keeps it fast
     run = make_run(tmp_path / "run")
-    fid_file = next(o.split("=", 1)[1] for o in models if o.startswith("models.fid_inception.file="))
-    (tmp_path / "art_inception.pth").symlink_to(fid_file)
-    paths = run_evaluation(run, dotlist=models + ["metrics=[styleid,fid]"])
-    cache = run / "eval" / "cache"
-    assert not [p.name for p in cache.iterdir() if p.name.startswith("artfid")]
-    given = [f"models.artfid_inception.file={tmp_path / 'art_inception.pth'}", "models.artfid_inception.sha256=null"]
-    run_evaluation(run, dotlist=models + ["metrics=[styleid,fid]"] + given, overwrite=True)
-    assert [p.name for p in cache.iterdir() if p.name.startswith("artfid")] == ["artfid--art_inception.npz"]
-    for r in csv.DictReader(paths["csv"].open()):
-        assert float(r["fid_art"]) == pytest.approx(float(r["fid_style"]), rel=1e-6), r
+    given = [f"models.artfid_inception.file={art_file}", "models.artfid_inception.sha256=null"]
+    paths = run_evaluation(run, dotlist=models + ["metrics=[styleid]"] + given)
+    assert sorted(p.name for p in (run / "eval" / "cache").iterdir() if p.name.startswith("artfid")) == \
+        ["artfid-s75-art_inception.npz"]
+    rows = list(csv.DictReader(paths["csv"].open()))
+    index = json.loads((run / "index.json").read_text())
+    model = load_art_inception(art_file)
+    jobs = [j for j in index["jobs"] if j["setting"] == 2 and j["status"] != "failed"]
+    with torch.no_grad():
+        out = model(torch.stack([preprocess(Image.open(run / j["output"]).convert("RGB")) for j in jobs])).numpy()
+        styles = list(dict.fromkeys(j["style"] for j in jobs))
+        sty = model(torch.stack([preprocess(Image.open(p).convert("RGB")) for p in styles])).numpy()
+    assert float(rows[2]["fid_art"]) == pytest.approx(fid_between(out[:, :16], sty[:, :16]), rel=1e-4)
+    assert float(rows[2]["artfid"]) == pytest.approx((1 + float(rows[2]["lpips"])) * (1 + float(rows[2]["fid_art"])))
 
 
 def test_sweep_lines_join_settings_that_differ_in_beta_only():
