@@ -9,8 +9,9 @@ Reads the run's ``index.json`` (format ``magicstyle-run/1``), embeds every outpu
                                jobs where both faces are found; ``faces_missing`` counts the others (never scored)
     fid_style, fid_content     FID of the setting's outputs against its style images / content images (each once)
     lpips                      mean LPIPS (AlexNet) output vs content (StyleID's content fidelity)
-    fid_art, artfid            FID against the styles on ArtFID's own Inception (``models.artfid_inception.file``;
-                               empty without it: never FID's network under ArtFID's name);
+    fid_art, artfid            FID against the styles, one per output (StyleID's repeated style set), on ArtFID's
+                               own Inception (``models.artfid_inception.file``; empty without it: never FID's
+                               network under ArtFID's name);
                                ArtFID = (1 + LPIPS) (1 + FID_art)  (Wright and Ommer 2022, as StyleID reports it)
 """
 from __future__ import annotations
@@ -204,13 +205,14 @@ def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[
                      if np.isfinite(feats["face"][o]).all() and np.isfinite(feats["face"][c]).all()]
             row["facesim"] = _mean([_cos(feats["face"][o], feats["face"][c]) for o, c in found])
             row["faces_missing"] = len(mine) - len(found)
-        for kind, column, refs in (("inception" if "fid" in metrics else None, "fid_style", sty),
-                                   ("inception" if "fid" in metrics else None, "fid_content", con),
+        # Table I's FIDs take each reference image once; StyleID's FID (ArtFID) one style image per output (its
+        # style set repeats each style once per content, 40 styles x 20 contents -> 800)
+        for kind, column, refs in (("inception", "fid_style", list(dict.fromkeys(sty))),
+                                   ("inception", "fid_content", list(dict.fromkeys(con))),
                                    (art, "fid_art", sty)):
             if kind in feats:
-                unique = list(dict.fromkeys(refs))  # each reference image once
                 row[column] = fid_between(np.stack([feats[kind][o] for o in out]) if out else np.zeros((0, 1)),
-                                  np.stack([feats[kind][r] for r in unique]) if unique else np.zeros((0, 1)))
+                                          np.stack([feats[kind][r] for r in refs]) if refs else np.zeros((0, 1)))
         if lpips:
             row["lpips"] = _mean([lpips[o + c] for o, c in zip(out, con)])
             if row["fid_art"] is not None and row["lpips"] is not None:

@@ -282,9 +282,11 @@ def test_artfid_runs_artfids_own_inception(tmp_path, models, art_file, monkeypat
     jobs = [j for j in index["jobs"] if j["setting"] == 2 and j["status"] != "failed"]
     with torch.no_grad():
         out = model(torch.stack([preprocess(Image.open(run / j["output"]).convert("RGB")) for j in jobs])).numpy()
-        styles = list(dict.fromkeys(j["style"] for j in jobs))
-        sty = model(torch.stack([preprocess(Image.open(p).convert("RGB")) for p in styles])).numpy()
-    assert float(rows[2]["fid_art"]) == pytest.approx(fid_between(out[:, :16], sty[:, :16]), rel=1e-4)
+        sty = model(torch.stack([preprocess(Image.open(j["style"]).convert("RGB")) for j in jobs])).numpy()
+    # StyleID's style set: one style image per output (2 styles x 2 contents -> 4), not each style once
+    repeated, unique = fid_between(out[:, :16], sty[:, :16]), fid_between(out[:, :16], sty[:2, :16])
+    assert [j["style"] for j in jobs[:2]] == [j["style"] for j in jobs[2:]] and abs(repeated / unique - 1) > 2e-4
+    assert float(rows[2]["fid_art"]) == pytest.approx(repeated, rel=2e-5)
     assert float(rows[2]["artfid"]) == pytest.approx((1 + float(rows[2]["lpips"])) * (1 + float(rows[2]["fid_art"])))
 
 
