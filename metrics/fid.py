@@ -2,8 +2,12 @@
 
 ``frechet_distance`` follows pytorch-fid's ``calculate_frechet_distance``:
     d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))
-with ``scipy.linalg.sqrtm``; when the product is singular (scipy warns, or the root is not finite) eps = 1e-6 is added
-to both diagonals; a complex root must have a negligible imaginary diagonal (|imag| < 1e-3), and its real part is used.
+with ``scipy.linalg.sqrtm``; only when the root is not finite is eps = 1e-6 added to both diagonals and the root taken
+again (pytorch-fid's test: ``np.isfinite(covmean).all()``).  A singular product whose root is finite, the usual case
+with fewer images than 2048 dimensions, gets no offset: SciPy then warns (LinAlgWarning, silenced here) and returns
+an error estimate with ``disp=False`` (still in SciPy 1.17, deprecated), but pytorch-fid never tests either, and an
+offset there would shift FID by a few tenths.  A complex root must have a negligible imaginary diagonal
+(|imag| < 1e-3), and its real part is used.
 
 The network is the TensorFlow FID Inception-v3 as pytorch-fid ports it (``pt_inception-2015-12-05-6726825d.pth``).
 We build it from torchvision's ``Inception3`` modules, so the state dict keys are the real ones, with pytorch-fid's
@@ -32,10 +36,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError("the two Gaussians have different dimensions")
     diff = mu1 - mu2
-    covmean, singular = _sqrtm(sigma1.dot(sigma2))
-    if singular or not np.isfinite(covmean).all():  # singular product: offset both diagonals
+    covmean = _sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():  # as pytorch-fid: offset both diagonals only when the root is not finite
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean, _ = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the square root")
@@ -43,13 +47,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def _sqrtm(a: np.ndarray) -> tuple[np.ndarray, bool]:
-    """scipy's matrix square root, and whether scipy found the matrix singular (it warns, and since SciPy 1.16 no
-    longer returns an error estimate, pytorch-fid's ``disp=False`` test)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", linalg.LinAlgWarning)
-        root = linalg.sqrtm(a)
-    return root, any(issubclass(w.category, linalg.LinAlgWarning) for w in caught)
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    """scipy's matrix square root; its LinAlgWarning for a singular matrix is silenced (expected with few images:
+    the root is checked for finiteness by the caller, as pytorch-fid does)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(a)
 
 
 def gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -48,10 +48,22 @@ def test_frechet_distance_is_symmetric():
     assert frechet_distance(*g1, *g2) == pytest.approx(frechet_distance(*g2, *g1), rel=1e-6)
 
 
-def test_frechet_distance_with_singular_covariances():
-    # rank-deficient covariances whose product is 0: the eps offset applies; closed form 1 + 1 - 0 = 2
+def test_frechet_distance_with_singular_covariances(monkeypatch):
+    # singular products whose root is finite (SciPy warns): no eps offset, as pytorch-fid; exact closed forms
+    # (0 product: 1 + 1 - 0 = 2; diag(4, 0) product: 1 + 5 - 2 * 2 = 2; an offset gives 1.996 and 1.998)
+    assert frechet_distance(np.zeros(2), np.diag([1.0, 0.0]), np.zeros(2), np.diag([0.0, 1.0])) == 2.0
+    assert frechet_distance(np.zeros(2), np.diag([1.0, 0.0]), np.zeros(2), np.diag([4.0, 1.0])) == \
+        pytest.approx(2.0, rel=1e-12)
+    # a root that is not finite: the offset, and the root taken again
+    import metrics.fid
+
+    calls, sqrtm = [], metrics.fid.linalg.sqrtm
+    monkeypatch.setattr(metrics.fid.linalg, "sqrtm", lambda a: calls.append(a.copy()) or (
+        np.full_like(a, np.inf) if len(calls) == 1 else sqrtm(a)))
     d = frechet_distance(np.zeros(2), np.diag([1.0, 0.0]), np.zeros(2), np.diag([0.0, 1.0]))
-    assert np.isfinite(d) and d == pytest.approx(2.0, abs=1e-2)
+    offset = 1e-6 * np.eye(2)
+    np.testing.assert_allclose(calls[1], (np.diag([1.0, 0.0]) + offset) @ (np.diag([0.0, 1.0]) + offset))
+    assert d == pytest.approx(2.0, abs=1e-2) and d != 2.0
     # fewer images than dimensions (the usual case for a few hundred images in 2048 dimensions)
     rng = np.random.default_rng(3)
     value = fid_between(rng.normal(size=(5, 20)), rng.normal(size=(6, 20)) + 1)
