@@ -103,6 +103,33 @@ def test_letterbox_of_a_sliver():
         assert blob.shape == (1, 3, 640, 640) and scale > 0 and blob[0, :, 0, 0].max() > 0
 
 
+def test_letterbox_resizes_as_opencv_without_antialiasing():
+    """insightface resizes with cv2's INTER_LINEAR, which does not antialias: halving 0, 0, 255, 255 stripes samples
+    each pair of columns at its midpoint (0 and 255 exactly); Pillow's BILINEAR averaged 4 columns (36, 191, 64, ...)."""
+    from faces.scrfd import MEAN, STD, letterbox
+
+    row = np.tile(np.array([0, 0, 255, 255], np.uint8), 320)  # 1280 columns
+    blob, scale = letterbox(Image.fromarray(np.repeat(np.repeat(row[None, :, None], 1280, 0), 3, 2)))
+    canvas = blob[0] * STD + MEAN  # (3, 640, 640)
+    assert scale == 0.5
+    np.testing.assert_allclose(canvas[:, 5, :8], np.tile([0, 255] * 4, (3, 1)), atol=1e-3)
+
+
+def test_letterbox_resize_equals_cv2():
+    """Optional (runs where OpenCV is installed): within one grey level of insightface's cv2.resize on a photo-sized
+    image it shrinks, and the same where it enlarges."""
+    cv2 = pytest.importorskip("cv2")
+    from faces.scrfd import resize_bilinear
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:1024, :1536]
+    wave = 128 + 60 * np.sin(xx / 9.0) * np.cos(yy / 13.0)
+    img = np.clip(wave[..., None] + rng.normal(0, 20, (1024, 1536, 3)), 0, 255).astype(np.uint8)
+    for src, (w, h) in ((img, (640, 426)), (img[:300, :200], (426, 640))):
+        d = np.abs(resize_bilinear(src, w, h).astype(int) - cv2.resize(src, (w, h)).astype(int))
+        assert d.max() <= 1 and d.mean() < 0.2, (d.max(), d.mean())
+
+
 def test_missing_or_wrong_face_models(tmp_path):
     with pytest.raises(FaceModelError, match="buffalo_l.zip") as e:
         SCRFD(tmp_path / "det_10g.onnx")
