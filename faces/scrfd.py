@@ -10,7 +10,8 @@ The network runs in onnxruntime; everything around it is ours and follows insigh
                  stride units, K = (640 / stride)^2 * 2 anchors; output order: 3 scores, 3 boxes, 3 landmarks
     decode:      anchor centres (x, y) * stride, each repeated for its 2 anchors; box = (cx - l, cy - t, cx + r,
                  cy + b) (``distance2bbox``); point k = (cx + dx_k, cy + dy_k) (``distance2kps``)
-    keep:        score >= 0.5, greedy NMS at IoU 0.4 (insightface's "+1" pixel areas), then divide by s
+    keep:        score >= 0.5, divide by s, then greedy NMS at IoU 0.4 (insightface's "+1" pixel areas, so in the
+                 original image's pixels, as insightface runs it)
 
 Faces come back largest first (insightface orders by score; we sort the survivors of NMS by box area).
 """
@@ -107,8 +108,10 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = NMS_IOU) -> list[int
 
 
 def decode(outputs: list[np.ndarray], input_size: int = INPUT_SIZE, threshold: float = SCORE_THRESHOLD,
-           iou: float = NMS_IOU) -> Faces:
-    """The 9 SCRFD outputs (3 scores, 3 boxes, 3 landmark sets) -> detections in input pixels, largest first."""
+           iou: float = NMS_IOU, scale: float = 1.0) -> Faces:
+    """The 9 SCRFD outputs (3 scores, 3 boxes, 3 landmark sets) -> detections, largest first, in the pixels of the
+    image letterboxed at ``scale`` (1: input pixels).  Boxes and points are divided by ``scale`` before NMS, as
+    insightface does: its "+1" areas count the image's pixels, not the network input's."""
     outputs = [o[0] if o.ndim == 3 else o for o in outputs]  # a batched export has a leading batch axis of 1
     n = len(STRIDES)
     boxes, scores, points = [], [], []
@@ -119,7 +122,7 @@ def decode(outputs: list[np.ndarray], input_size: int = INPUT_SIZE, threshold: f
         scores.append(score[keep])
         boxes.append(distance2bbox(centers, outputs[i + n] * stride)[keep])
         points.append(distance2kps(centers, outputs[i + 2 * n] * stride)[keep])
-    boxes, scores, points = np.concatenate(boxes), np.concatenate(scores), np.concatenate(points)
+    boxes, scores, points = np.concatenate(boxes) / scale, np.concatenate(scores), np.concatenate(points) / scale
     kept = nms(boxes, scores, iou)
     boxes, scores, points = boxes[kept], scores[kept], points[kept]
     by_area = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), kind="stable")
@@ -145,5 +148,4 @@ class SCRFD:
 
     def __call__(self, img: Image.Image) -> Faces:
         blob, scale = letterbox(img)
-        faces = decode(self.session.run(self.outputs, {self.input: blob}), INPUT_SIZE, self.threshold, self.iou)
-        return Faces(faces.boxes / scale, faces.scores, faces.points / scale)
+        return decode(self.session.run(self.outputs, {self.input: blob}), INPUT_SIZE, self.threshold, self.iou, scale)

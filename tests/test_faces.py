@@ -51,6 +51,23 @@ def test_scrfd_decoding_and_nms():
     np.testing.assert_allclose(faces.points[1], 8 * np.arange(10).reshape(5, 2) / 10 + [160, 80], rtol=1e-6)
 
 
+def test_scrfd_nms_runs_in_the_images_pixels():
+    """insightface divides by the letterbox scale before NMS, whose "+1" areas then count the image's pixels: two
+    10 px boxes 4.6 px apart in the input overlap by IoU 0.41 there (one suppressed) but 0.39 in an image letterboxed
+    at 1/2 (both kept)."""
+    shift = 4.6 / 8  # in strides
+    outputs = scrfd_outputs([(8, 10, 20, 0, 0.9, [0.625] * 4),
+                             (8, 10, 20, 1, 0.8, [0.625 - shift, 0.625, 0.625 + shift, 0.625])])
+    assert len(decode(outputs)) == 1
+    detect = SCRFD.__new__(SCRFD)  # the detector around a stand-in session that returns these outputs
+    detect.session = type("Session", (), {"run": lambda self, names, feed: outputs})()
+    detect.input, detect.outputs, detect.threshold, detect.iou = "input.1", [], 0.5, 0.4
+    faces = detect(Image.new("RGB", (1280, 1280), (128, 128, 128)))  # letterboxed at 1/2
+    assert len(faces) == 2 and len(decode(outputs, scale=0.5)) == 2
+    np.testing.assert_allclose(sorted(faces.boxes.tolist()), [[310, 150, 330, 170], [319.2, 150, 339.2, 170]],
+                               rtol=1e-5)
+
+
 def test_nms_keeps_the_best_of_overlapping_boxes():
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 4]], np.float32)
     assert nms(boxes, np.array([0.5, 0.9, 0.8, 0.7])) == [1, 2, 3]  # box 3 overlaps box 1 by 5*11/(121+55-55)<0.4
