@@ -1,4 +1,5 @@
-"""The evaluation's outputs: a Markdown table, a CSV file and a scatter plot (content vs style fidelity)."""
+"""The evaluation's outputs: a Markdown table (Table I's cosines x100, as the paper prints them), a CSV file (all
+values as computed: cosines as fractions) and a scatter plot (content vs style fidelity, fractions)."""
 from __future__ import annotations
 
 import csv
@@ -8,11 +9,17 @@ import json
 import numpy as np
 
 HEADERS = {  # column -> Markdown header
-    "setting": "setting", "n": "N", "not_done": "not done", "clip_content": "CLIP-I content ↑",
-    "clip_style": "CLIP-I style ↑", "dino_content": "DINO ↑", "facesim": "FaceSim ↑", "faces_missing": "no face",
+    "setting": "setting", "n": "N", "not_done": "not done", "clip_content": "CLIP-I content ×100 ↑",
+    "clip_style": "CLIP-I style ×100 ↑", "dino_content": "DINO ×100 ↑", "facesim": "FaceSim ×100 ↑",
+    "faces_missing": "no face",
     "fid_style": "FID style ↓", "fid_content": "FID content ↓", "lpips": "LPIPS ↓", "fid_art": "FID (ArtFID) ↓",
     "artfid": "ArtFID ↓",
 }
+
+
+# Cosine columns that the paper's Table I prints x100 (CLIP-I 89.2, FaceSim 95.8, DINO 96.9); metrics.md does the same
+# (the header says x100), metrics.csv keeps the fractions
+PERCENT = ("clip_content", "clip_style", "dino_content", "facesim")
 
 
 def _fmt(value) -> str:
@@ -23,9 +30,13 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _scaled(value, column: str):
+    return 100 * value if column in PERCENT and isinstance(value, float) else value
+
+
 def markdown(rows: list[dict], columns: list[str], note: str = "") -> str:
     lines = ["| " + " | ".join(HEADERS[c] for c in columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r[c]).replace("|", "\\|") for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(_scaled(r[c], c)).replace("|", "\\|") for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
 
 

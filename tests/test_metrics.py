@@ -15,7 +15,7 @@ from _eval_models import art_inception_state_dict, eval_models, inception_state_
 from metrics import FIDInception, fid_between, frechet_distance, gaussian, load_art_inception, load_inception, \
     load_lpips, run_evaluation
 from metrics import features as features_module
-from metrics.report import sweep_lines
+from metrics.report import csv_text, markdown, sweep_lines
 
 # ---------------------------------------------------------------------------------------------------------------------
 # FID
@@ -300,6 +300,17 @@ def test_artfid_runs_artfids_own_inception(tmp_path, models, art_file, monkeypat
     assert [j["style"] for j in jobs[:2]] == [j["style"] for j in jobs[2:]] and abs(repeated / unique - 1) > 2e-4
     assert float(rows[2]["fid_art"]) == pytest.approx(repeated, rel=2e-5)
     assert float(rows[2]["artfid"]) == pytest.approx((1 + float(rows[2]["lpips"])) * (1 + float(rows[2]["fid_art"])))
+
+
+def test_table_prints_the_cosines_x100_as_the_paper():
+    """Table I's form: CLIP-I, DINO and FaceSim x100 (89.2, not 0.892), said in the header; the CSV keeps fractions."""
+    row = {"setting": "a", "n": 4, "clip_content": 0.892, "clip_style": 0.5, "dino_content": 0.969, "facesim": None,
+           "fid_style": 73.1, "lpips": 0.25}
+    columns = list(row)
+    table = markdown([row], columns)
+    assert "| CLIP-I content ×100 ↑ | CLIP-I style ×100 ↑ | DINO ×100 ↑ | FaceSim ×100 ↑ | FID style ↓ | LPIPS ↓ |" in table
+    assert "| a | 4 | 89.20 | 50.00 | 96.90 | - | 73.10 | 0.2500 |" in table
+    assert csv_text([row], columns).splitlines()[1] == "a,4,0.892,0.5,0.969,,73.1,0.25"
 
 
 def test_sweep_lines_join_settings_that_differ_in_beta_only():
