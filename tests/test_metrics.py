@@ -276,7 +276,7 @@ def test_evaluate_writes_table_csv_and_plot(tmp_path, models, monkeypatch):
 
 def test_artfid_runs_artfids_own_inception(tmp_path, models, art_file, monkeypatch):
     """FID (ArtFID) and ArtFID come from ArtFID's network and pre-processing (its file in its own layout, which FID's
-    loader refuses), cached apart from FID's features; FID's own columns are unchanged by it."""
+    loader refuses), cached apart from FID's features, against StyleID's style set: one style image per output."""
     import metrics.artfid
     import metrics.evaluation
     from metrics.artfid import preprocess
@@ -284,21 +284,23 @@ def test_artfid_runs_artfids_own_inception(tmp_path, models, art_file, monkeypat
     monkeypatch.setattr(metrics.evaluation, "fid_between", lambda a, b: fid_between(a[:, :16], b[:, :16]))
     monkeypatch.setattr(metrics.artfid, "SHORTER_SIDE", 75)  # 512 in use; the smallest Inception input keeps it fast
     run = make_run(tmp_path / "run")
+    index = json.loads((run / "index.json").read_text())
+    jobs = [j for j in index["jobs"] if j["setting"] == 2 and j["status"] != "failed"]
+    jobs[3]["style"] = jobs[2]["style"]  # setting 2's styles: s0, s1, s0, s0 (each style once: s0, s1)
+    Image.new("RGB", (64, 64), (230, 30, 30)).save(jobs[1]["style"])  # s1 unlike the noise images
+    (run / "index.json").write_text(json.dumps(index))
     given = [f"models.artfid_inception.file={art_file}", "models.artfid_inception.sha256=null"]
     paths = run_evaluation(run, dotlist=models + ["metrics=[styleid]"] + given)
     assert sorted(p.name for p in (run / "eval" / "cache").iterdir() if p.name.startswith("artfid")) == \
         ["artfid-s75-art_inception.npz"]
     rows = list(csv.DictReader(paths["csv"].open()))
-    index = json.loads((run / "index.json").read_text())
     model = load_art_inception(art_file)
-    jobs = [j for j in index["jobs"] if j["setting"] == 2 and j["status"] != "failed"]
     with torch.no_grad():
         out = model(torch.stack([preprocess(Image.open(run / j["output"]).convert("RGB")) for j in jobs])).numpy()
         sty = model(torch.stack([preprocess(Image.open(j["style"]).convert("RGB")) for j in jobs])).numpy()
-    # StyleID's style set: one style image per output (2 styles x 2 contents -> 4), not each style once
     repeated, unique = fid_between(out[:, :16], sty[:, :16]), fid_between(out[:, :16], sty[:2, :16])
-    assert [j["style"] for j in jobs[:2]] == [j["style"] for j in jobs[2:]] and abs(repeated / unique - 1) > 2e-4
-    assert float(rows[2]["fid_art"]) == pytest.approx(repeated, rel=2e-5)
+    assert abs(repeated / unique - 1) > 0.05, (repeated, unique)
+    assert float(rows[2]["fid_art"]) == pytest.approx(repeated, rel=1e-3)
     assert float(rows[2]["artfid"]) == pytest.approx((1 + float(rows[2]["lpips"])) * (1 + float(rows[2]["fid_art"])))
 
 
