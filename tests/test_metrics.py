@@ -94,7 +94,7 @@ def art_file(tmp_path_factory):
     return art_inception_state_dict(tmp_path_factory.mktemp("art") / "art_inception.pth")
 
 
-def test_art_inception_loads_artfids_layout_strictly(art_file, tmp_path):
+def test_art_inception_loads_artfids_layout_strictly(art_file, models, tmp_path):
     """ArtFID's file (two heads fc1/fc2, AuxLogits1/2, class counts from the file) loads; a key short or another
     network's file is one line, and FID's loader refuses ArtFID's file (it is not FID's network)."""
     model = load_art_inception(art_file)
@@ -107,7 +107,7 @@ def test_art_inception_loads_artfids_layout_strictly(art_file, tmp_path):
     with pytest.raises(Exception, match="not ArtFID's Inception-v3 state dict .missing key fc2.bias"):
         load_art_inception(tmp_path / "short.pth")
     with pytest.raises(Exception, match="not ArtFID's Inception-v3 state dict .missing key AuxLogits1"):
-        load_art_inception(inception_state_dict(tmp_path / "pt_inception.pth"))
+        load_art_inception(next(o.split("=", 1)[1] for o in models if o.startswith("models.fid_inception.file=")))
     with pytest.raises(Exception, match="not an FID Inception"):
         load_inception(art_file)
 
