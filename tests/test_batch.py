@@ -84,6 +84,8 @@ def test_select_and_cat(sd, z0, mode):
     assert torch.equal(fff(sd, picked, cfg), fff(sd, inversion, cfg, pairs=[(3, 2)]))
     with pytest.raises(ConfigError, match="merged"):
         Inversion.cat([inversion, csdi(sd, z0[:1], config(store={"mode": mode}, steps=2))])
+    with pytest.raises(ConfigError, match="merged"):  # another inversion prompt: recompute's reference rows differ
+        Inversion.cat([inversion, csdi(sd, z0[:1], config(store={"mode": mode}, inversion={"prompt": "x"}))])
     # the same prompt's embedding to within rounding (a cache entry from another GPU) merges; another prompt does not
     other = inversion.select([1])
     for context, merges in ((other.context * (1 + 1e-4), True), (other.context.flip(1), False)):
@@ -140,7 +142,9 @@ def test_inversion_key_names_what_changes_csdi():
     assert all(inversion_key(c) == base for c in same)
     other = [config(steps=4), config(size=128), config(inversion={"prompt": "x"}), config(inversion={"refine": 1}),
              config(ffa={"layers": "all"}), config(ffa={"timesteps": [0]}), config(store={"mode": "recompute"}),
-             config(store={"dtype": "float32"}), config(model={"dtype": "bfloat16"})]
+             config(store={"dtype": "float32"}), config(model={"dtype": "bfloat16"}),
+             config(inversion={"guidance": 2.0}), config(model={"clip_layer": "penultimate"}),
+             config(model={"hparams": None})]
     keys = [inversion_key(c) for c in other]
     assert base not in keys and len(set(keys)) == len(keys)
     # recompute mode keeps every step's latent, which serves any layer and step

@@ -97,3 +97,13 @@ def test_an_entry_that_cannot_be_written_is_a_note_and_the_run_goes_on(made, tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("note: ") and "going on without caching it" in err, err
     assert blocker.read_text() == ""
+
+
+def test_an_entry_is_named_by_the_checkpoint_bytes_not_its_name(tmp_path):
+    a, b = tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"
+    for path, data in ((a, b"fine-tune one"), (b, b"fine-tune two")):  # same name, same size, other weights
+        path.parent.mkdir()
+        path.write_bytes(data)
+    cfg = load_config(None, {"model": {"weights": str(TINY_WEIGHTS), "hparams": str(TINY_HPARAMS)},
+                             "store": {"mode": "recompute"}, "batch": {"cache": str(tmp_path / "cache")}})
+    assert cache.entry(ASTRONAUT, cfg, {"model.weights": a}) != cache.entry(ASTRONAUT, cfg, {"model.weights": b})

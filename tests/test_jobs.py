@@ -166,6 +166,10 @@ def test_each_image_is_inverted_once_per_inversion_setting(batches, stub, inputs
     assert (r["jobs"], r["jobs_done"], r["jobs_skipped"], r["jobs_failed"], r["images_inverted"]) == (16, 16, 0, 0, 6)
     assert r["unet_evals"] == batches * (2 + 3) + 4 * 2 * (2 + 3)  # CSDI batches per steps value, 16 FFF runs
     assert sorted({p[2] for p in stub.pairs}) == [0.0, 1.0] and stub.loads == 1 and stub.jobs == 16
+    # each generated pair is (its job's content, its job's style), however the images were batched
+    tag = lambda path: float(pipeline.load_image(path, 64).mean(1)[0, 0, 0])  # noqa: E731 - the stub's row tag
+    contents, styles = [inputs.contents / "a.png", inputs.contents / "b.png"], [STYLE, inputs.contents / "a.png"]
+    assert {(c[0], s[0]) for c, s, _ in stub.pairs} == {(tag(c), tag(s)) for c in contents for s in styles}
 
 
 def sweep_failing_at_beta_1(inputs, monkeypatch, error: Exception) -> tuple[int, str]:

@@ -221,7 +221,7 @@ CASES = {
     # the paper's setting, as the defaults give it (the feature store in float32, so that only rounding differs)
     "paper": (Paper(), {}, {"swap_features": True, "swap_start": True}),
     # recompute mode, FFA at the first and last of three steps, one refinement per inversion step
-    "recompute": (Paper(ffa_steps=(0, 2), refine=1), {"store": {"mode": "recompute"}},
+    "recompute": (Paper(ffa_steps=(0, 2), refine=1, inversion_prompt="a photo of a face"), {"store": {"mode": "recompute"}},
                   {"ffa_steps": "all", "refine": 0, "swap_features": True}),
     # inversion under guidance (features of the conditional rows), no AdaIN anywhere, clip skip 2, every layer, FFA
     # in the conditional rows only

@@ -366,3 +366,11 @@ def test_first_line_of_an_exception():
     assert first_line(OSError(28, "No space left on device"), typed=True) == "OSError: [Errno 28] No space left on device"
     assert first_line(TimeoutError(), typed=True) == "TimeoutError"
     assert first_line(CheckpointError("not SD1.5\nhint"), typed=True) == "not SD1.5"  # says it all without its type
+
+
+def test_a_posterior_sample_is_the_mean_plus_its_std_times_the_noise():
+    import math
+    from models.vae import DiagonalGaussian
+    mean, logvar = torch.zeros(1, 4, 8, 8), torch.full((1, 4, 8, 8), math.log(4.0))  # std 2
+    z = DiagonalGaussian(mean, logvar).sample(torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z, 2.0 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)))

@@ -365,3 +365,29 @@ def test_a_float16_vae_that_overflows_is_an_error_not_a_black_image(sd, monkeypa
         decode_latents(stand_in, z)
     monkeypatch.setattr(half, "decode", lambda latents: torch.zeros(1, 3, 64, 64, dtype=torch.float16))
     assert decode_latents(stand_in, z).dtype == torch.float32
+
+
+def test_fusion_qkv_keeps_the_content_keys_first_and_the_style_keys_last():
+    """Alg. 1 lines 4-5 in their order: the diagnostics read the last M keys as the style's."""
+    from attention.ffa import fusion_qkv
+    g = torch.Generator().manual_seed(4)
+    q_cs, q_c, k_c, v_c = (torch.randn(1, 6, 8, generator=g) for _ in range(4))
+    k_s, v_s = (torch.randn(1, 5, 8, generator=g) for _ in range(2))
+    _, k, v = fusion_qkv(q_cs, q_c, k_c, v_c, k_s, v_s, alpha=0.8, beta=0.2)
+    assert torch.equal(k, torch.cat([k_c, k_s], dim=1)) and torch.equal(v[:, 6:], v_s)
+
+
+def test_latents_are_scaled_by_0_18215_on_the_way_in_and_out(sd):
+    image = load_image(ASTRONAUT, 64)
+    z = encode_images(sd, image)
+    torch.testing.assert_close(z, 0.18215 * sd.vae.encode(image).mean.float())
+    torch.testing.assert_close(decode_latents(sd, z), sd.vae.decode(z / 0.18215).float())
+
+
+def test_the_defaults_are_the_papers_settings():
+    """Sec. IV-A: 30-step DDIM, CFG 1 for CSDI and 5 for FFF, alpha 0.8 and beta 0.2; StyleID's decoder layers."""
+    cfg = load_config()
+    assert (cfg.steps, cfg.inversion.guidance, cfg.generation.guidance) == (30, 1.0, 5.0)
+    assert (cfg.ffa.alpha, cfg.ffa.beta, cfg.ffa.recipe) == (0.8, 0.2, "ffa")
+    assert list(cfg.ffa.layers) == [f"output_blocks.{i}" for i in range(6, 12)]
+    assert (cfg.inversion.refine, cfg.ffa.adain_values, cfg.ffa.adain_latents) == (0, True, True)
