@@ -60,6 +60,18 @@ def free_keys(args) -> set[str]:
     return {k for k in ("ffa.alpha", "ffa.beta") if not given[k]}
 
 
+def followed_overrides(args) -> list[str]:
+    """The command line's ``key=value`` overrides, plus the weight of eq. 5 that follows one given alone:
+    ``ffa.beta=0.3`` without ffa.alpha (as ``--alpha`` or ``ffa.alpha=``) adds ``ffa.alpha=0.7``, as ``--beta 0.3``
+    does, and the other way round; both given, both are kept.  A config file's weights are not followed."""
+    keys = {o.split("=", 1)[0].strip(): o.split("=", 1)[1] for o in args.overrides if "=" in o}
+    try:
+        more = jobs.follow(keys, free_keys(args))
+    except MagicStyleError:  # a value that does not parse: load_config names it
+        more = {}
+    return [*args.overrides, *(f"{k}={v}" for k, v in more.items())]
+
+
 def default_output(content: str | Path, style: str | Path) -> Path:
     return Path("outputs") / f"{Path(content).stem}_{Path(style).stem}.png"
 
@@ -151,7 +163,7 @@ def run(args) -> int:
 def _run(args) -> int:
     # 1. Everything the user gave is checked before the model is loaded.
     settings = jobs.make_settings(args.sweep, args.setting, free_keys(args))
-    jobs.load_settings(settings, args.config, config_overrides(args), args.overrides)
+    jobs.load_settings(settings, args.config, config_overrides(args), followed_overrides(args))
     quiet_hub(progress=not args.quiet)
     if args.download_only:
         for key, path in fetch_all(settings[0].cfg).items():

@@ -386,6 +386,17 @@ def test_alpha_alone_records_a_round_beta(fake_model, inputs):
     assert parameters(inputs.output)["config"]["ffa"]["beta"] == 0.3
 
 
+@pytest.mark.parametrize("given, alpha, beta", [
+    (["ffa.beta=0.3"], 0.7, 0.3), (["ffa.alpha=0.6"], 0.6, 0.4),  # one key=value sets the other, as --beta does
+    (["ffa.alpha=0.5", "ffa.beta=0.25"], 0.5, 0.25), (["--alpha", "0.5", "ffa.beta=0.25"], 0.5, 0.25),  # both: kept
+    (["--beta", "0.4", "ffa.beta=0.3"], 0.7, 0.3),  # the override is the beta given
+])
+def test_a_key_value_weight_follows_eq5_as_the_flags_do(fake_model, inputs, given, alpha, beta):
+    assert cli(argv(inputs, *given)) == 0
+    c = parameters(inputs.output)["config"]["ffa"]
+    assert (c["alpha"], c["beta"]) == (alpha, beta)
+
+
 def test_overrides_may_be_interleaved_with_options(fake_model, inputs):
     assert cli(["steps=3", *argv(inputs), "size=128"]) == 0
     assert parameters(inputs.output)["config"]["size"] == 128
