@@ -32,6 +32,7 @@ from .parameters import png_parameters
 from .progress import Progress
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+REPORT_FORMAT = "magicstyle-report/1"  # the --report JSON's "format": how a rerun knows the file is ours
 
 
 def config_overrides(args) -> dict:
@@ -70,6 +71,19 @@ def followed_overrides(args) -> list[str]:
     except MagicStyleError:  # a value that does not parse: load_config names it
         more = {}
     return [*args.overrides, *(f"{k}={v}" for k, v in more.items())]
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` holds a ``--report`` this program wrote: its format marker, or (reports from before the
+    marker) the fields every report has."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    legacy = isinstance(data.get("seconds"), dict) and {"unet_evals", "unet_rows", "peak_rss_bytes"} <= data.keys()
+    return data.get("format") == REPORT_FORMAT or ("format" not in data and legacy)
 
 
 def default_output(content: str | Path, style: str | Path) -> Path:
@@ -126,7 +140,7 @@ class Run:
         return png_parameters(cfg, self.files, content.name, style.name)
 
     def report(self, extra: dict | None = None) -> dict:
-        data = {"seconds": {**self.seconds, **compile_report()},
+        data = {"format": REPORT_FORMAT, "seconds": {**self.seconds, **compile_report()},
                 **{k: v for k, v in self.counts.items() if k not in ("images_inverted", "images_from_cache")},
                 "peak_rss_bytes": peak_rss_bytes(), "device": None, "dtype": None, "compute_dtype": None}
         if self.sd is not None and hasattr(self.sd, "unet"):
@@ -183,8 +197,10 @@ def _run(args) -> int:
         for path in [output, *(output.with_suffix(ext) for ext in diagnostics)]:
             check_writable(path, overwrite=args.overwrite, what="--output" if path == output else "diagnostics")
     report = Path(args.report) if args.report else None
-    if report is not None:
-        check_writable(report, overwrite=args.overwrite, what="--report")
+    if report is not None:  # resuming a run folder replaces the report this program wrote; any other file: --overwrite
+        resumes = many and (output / jobs.INDEX).is_file() and report.is_file() and is_report(report)
+        check_writable(report, overwrite=args.overwrite or resumes, what="--report")
+        args.report_overwrite = args.overwrite or resumes  # what the report is written with, at the end
     for setting in settings:
         if batch.alone(setting.cfg):  # the small-face pass: its face detector, checked before the model loads
             from faces.weights import require_file, resolve
@@ -208,7 +224,8 @@ def run_one(state: Run, content: jobs.Source, style: jobs.Source, settings: list
     state.overwrite_extras = state.args.overwrite
     batch.run_jobs(state, [job], settings, output.parent, strict=True)
     if report is not None:
-        write_atomic(report, json.dumps(state.report(state.extra), indent=2).encode(), overwrite=state.args.overwrite,
+        write_atomic(report, json.dumps(state.report(state.extra), indent=2).encode(),
+                     overwrite=state.args.report_overwrite,
                      what="--report")
     state.log(f"wrote {output}")
     return 0
@@ -278,8 +295,8 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
                      "images_from_cache": state.counts["images_from_cache"], "peak_rss_bytes": max(r[3] for r in results)}
             if size > 1:
                 extra["ranks"] = size
-            write_atomic(report, json.dumps(state.report(extra), indent=2).encode(), overwrite=state.args.overwrite,
-                         what="--report")
+            write_atomic(report, json.dumps(state.report(extra), indent=2).encode(),
+                         overwrite=state.args.report_overwrite, what="--report")
         for job in todo:
             if job.status == "failed":
                 sys.stderr.write(f"failed: {job.output}: {job.error}\n")

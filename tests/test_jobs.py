@@ -228,6 +228,29 @@ def test_resume_ignores_the_keys_that_do_not_change_the_image(stub, inputs, monk
     assert len(err.splitlines()) == 1 and "model.dtype='float32', not 'bfloat16'" in err, err
 
 
+def test_a_resumed_run_replaces_its_own_report_and_no_other_file(stub, inputs, capsys):
+    """The same --report on a rerun with more images: the report this program wrote is replaced (it has the format
+    marker) and only the new jobs run; a user's file under that name, or a report beside a new run folder, is not."""
+    report = inputs.tmp / "r.json"
+    argv = ["--content", inputs.contents, "--style", STYLE, "--config", inputs.config, "--sweep", "ffa.beta=0,1",
+            "--output", inputs.output, "--report", report, "--quiet"]
+    assert cli(argv) == 0 and json.loads(report.read_text())["format"] == "magicstyle-report/1"
+    gradient(inputs.contents / "c.png", (64, 64))
+    assert cli(argv) == 0, capsys.readouterr().err
+    r = json.loads(report.read_text())
+    assert (r["jobs"], r["jobs_done"], r["jobs_skipped"]) == (6, 2, 4)
+    legacy = {k: v for k, v in r.items() if k != "format"}  # a report from before the marker: recognised too
+    report.write_text(json.dumps(legacy))
+    assert cli(argv) == 0 and json.loads(report.read_text())["jobs_skipped"] == 6
+    capsys.readouterr()
+    for text, folder in (('{"mine": 1}', inputs.output), (report.read_text(), inputs.tmp / "new")):
+        report.write_text(text)
+        assert cli([*argv[:-4], folder, "--report", report, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "r.json exists" in err and "--overwrite" in err, err
+        assert report.read_text() == text
+
+
 def test_resume_compares_the_seed_when_it_draws_the_posterior_sample(stub, inputs, capsys):
     argv = ["--content", inputs.contents, "--style", STYLE, "--config", inputs.config, "inversion.sample_posterior=true",
             "--output", inputs.output, "--quiet"]
