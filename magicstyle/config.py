@@ -28,6 +28,8 @@ DEFAULTS = ("configs", "magicstyle.yaml")  # (package, resource): the defaults, 
 PATH_KEYS = (  # keys that hold file or folder paths
     "model.weights", "model.vae", "model.hparams", "model.local_dir", "face.detector", "batch.cache",
 )
+FILE_KEYS = {"model.weights": ".safetensors", "model.vae": ".safetensors", "model.hparams": "YAML or JSON",
+             "face.detector": ".onnx"}  # keys that name one file (not a folder): key -> the kind of file, for errors
 NO_FILE = ("", "none", "null", "auto")  # not paths (model.vae: none -> the checkpoint's own VAE)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config name -> dtype
@@ -81,8 +83,10 @@ def default_config() -> DictConfig:
 
 
 def _load_yaml(path: Path) -> DictConfig:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give the YAML file inside it")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist; check the path, or leave --config out for the defaults")
     try:
         cfg = OmegaConf.load(path)
     except Exception as e:
@@ -176,6 +180,10 @@ def validate(cfg: DictConfig) -> None:
                 parse_ref(value)
             except HubError as e:
                 raise ConfigError(f"{key}: {e}") from None
+    for key, kind in FILE_KEYS.items():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and not is_hub_ref(value) and Path(os.path.expanduser(value)).is_dir():
+            raise ConfigError(f"{key} {value} is a folder; give the {kind} file inside it{_inside(value, kind)}")
     check(isinstance(cfg.face.refine, bool), "face.refine must be true or false")
     check(0.0 < number("face.min_share") <= 1.0, "face.min_share must lie in (0, 1]")
     check(number("face.margin") >= 0.0, "face.margin must not be negative")
@@ -189,6 +197,19 @@ def validate(cfg: DictConfig) -> None:
     check(not cfg.batch.cache or not Path(os.path.expanduser(cfg.batch.cache)).is_file(),  # (~unknown: as given)
           f"batch.cache {cfg.batch.cache} is a file; give a folder (it is made when missing)")
     diagnostics_region(cfg)
+
+
+def _inside(folder: str, kind: str) -> str:
+    """`` (it holds a.safetensors, b.safetensors)``: the files of that kind in ``folder``, for an error message."""
+    suffix = kind if kind.startswith(".") else None
+    try:
+        names = sorted(f.name for f in Path(os.path.expanduser(folder)).iterdir()
+                       if f.is_file() and (suffix is None or f.suffix.lower() == suffix))
+    except OSError:
+        return ""
+    if not names or suffix is None:
+        return ""
+    return f" (it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
 
 def diagnostics_region(cfg: DictConfig) -> tuple[int, int, int, int] | None:
