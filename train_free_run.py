@@ -29,8 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the portrait(s) to stylize: image files or folders of images (required)")
     p.add_argument("--style", nargs="+", metavar="PATH",
                    help="the style reference image(s): image files or folders of images (required)")
-    p.add_argument("--output", help="output PNG for one job (default: outputs/<content>_<style>.png); with several "
-                                    "jobs a folder (default: outputs/<run name>/)")
+    p.add_argument("--output", help="output file for one job, ending in .png (default: outputs/<content>_<style>.png); "
+                                    "with several jobs a folder (default: outputs/<run name>/)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="run every value of a config key (repeatable: the Cartesian product), e.g. ffa.beta=0,0.5,1")
     p.add_argument("--setting", action="append", default=[], metavar="'KEY=V ...'",

@@ -27,7 +27,7 @@ from . import batch, grid, jobs, pipeline, shard
 from .compiled import compile_report
 from .config import one_minus
 from .hub import fetch_all, quiet_hub
-from .output import WriteError, check_writable, write_atomic
+from .output import OutputError, WriteError, check_writable, write_atomic
 from .parameters import png_parameters
 from .progress import Progress
 
@@ -194,6 +194,9 @@ def _run(args) -> int:
         check_writable(output / jobs.INDEX, overwrite=True, what="--output")
     else:
         output = Path(args.output) if args.output else default_output(contents[0].path, styles[0].path)
+        if output.suffix.lower() != ".png" and not output.is_dir():  # (a folder: check_writable says so)
+            raise OutputError(f"--output {output}: one job writes a PNG; give a name ending in .png, e.g. "
+                              f"{output.with_suffix('.png')}")
         for path in [output, *(output.with_suffix(ext) for ext in diagnostics)]:
             check_writable(path, overwrite=args.overwrite, what="--output" if path == output else "diagnostics")
     report = Path(args.report) if args.report else None

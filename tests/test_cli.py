@@ -338,6 +338,7 @@ ERRORS = [  # id, argv (may create files), words the message must contain, wheth
     ("bad YAML", lambda t: argv(t, config=existing(t.tmp / "in" / "bad.yaml", b"size: [64\n")), ["bad.yaml", "YAML"]),
     ("existing output", lambda t: argv(t, output=existing(t.output)), ["result.png", "exists", "--overwrite"]),
     ("existing report", lambda t: argv(t, "--report", existing(t.tmp / "out" / "r.json")), ["r.json", "--overwrite"]),
+    ("output not a PNG", lambda t: argv(t, output=t.tmp / "out" / "x.jpg"), ["x.jpg", "ending in .png", "x.png"]),
     ("output is a folder", lambda t: argv(t, "--overwrite", output=existing(t.output / "x").parent),
      ["result.png", "folder"]),
     ("batch.cache is a file", lambda t: argv(t, f"batch.cache={existing(t.tmp / 'in' / 'c.bin')}"),
