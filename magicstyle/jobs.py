@@ -52,6 +52,9 @@ def find_images(specs: Iterable[str], what: str) -> list[Source]:
     for spec in specs:
         path = Path(spec)
         if not path.is_dir():
+            if not path.exists() and path.suffix.lower() not in IMAGE_SUFFIXES:  # `--style s.png ffa.beta 0.3`
+                raise ImageError(f"--{what} {spec}: no such image or folder; config overrides are KEY=VALUE, e.g. "
+                                 "ffa.beta=0.3")
             with open_rgb(path) as img:  # raises ImageError: missing, unreadable, too large
                 sources.append(Source(path.resolve(), img.size))
             continue

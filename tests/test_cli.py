@@ -310,6 +310,8 @@ def config_with(t, text):
 ERRORS = [  # id, argv (may create files), words the message must contain, whether the real loader runs
     ("missing content", lambda t: argv(t, content=t.tmp / "in" / "missing.png"), ["missing.png", "does not exist"]),
     ("missing style", lambda t: argv(t, style=t.tmp / "in" / "gone.jpg"), ["gone.jpg", "does not exist"]),
+    ("a key and value without =", lambda t: [*argv(t), "--style", t.style, "ffa.beta", "0.3"],
+     ["--style ffa.beta", "no such image", "KEY=VALUE", "ffa.beta=0.3"]),
     ("content folder without images", lambda t: argv(t, content=existing(t.tmp / "in" / "docs" / "a.txt").parent),
      ["docs", "holds no images"]),
     ("unreadable image", lambda t: argv(t, content=text_file(t)), ["notes.png", "cannot read image"]),
