@@ -25,10 +25,10 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--content", nargs="+", metavar="PATH",
-                   help="the portrait(s) to stylize: image files or folders of images (required)")
-    p.add_argument("--style", nargs="+", metavar="PATH",
-                   help="the style reference image(s): image files or folders of images (required)")
+    p.add_argument("--content", nargs="+", action="extend", metavar="PATH",
+                   help="the portrait(s) to stylize: image files or folders of images (required; repeatable)")
+    p.add_argument("--style", nargs="+", action="extend", metavar="PATH",
+                   help="the style reference image(s): image files or folders of images (required; repeatable)")
     p.add_argument("--output", help="output file for one job, ending in .png (default: outputs/<content>_<style>.png); "
                                     "with several jobs a folder (default: outputs/<run name>/)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",

@@ -404,6 +404,14 @@ def test_a_key_value_weight_follows_eq5_as_the_flags_do(fake_model, inputs, give
     assert (c["alpha"], c["beta"]) == (alpha, beta)
 
 
+def test_a_repeated_content_or_style_adds_to_the_list():
+    args = train_free_run.parse_args(["--content", "a.png", "--style", "s.png", "--content", "b.png", "c.png",
+                                      "--style", "t.png", "ffa.beta=0.3", "--sweep", "x=1", "--sweep", "y=2"])
+    assert (args.content, args.style, args.overrides) == (["a.png", "b.png", "c.png"], ["s.png", "t.png"],
+                                                          ["ffa.beta=0.3"])
+    assert args.sweep == ["x=1", "y=2"]
+
+
 def test_overrides_may_be_interleaved_with_options(fake_model, inputs):
     assert cli(["steps=3", *argv(inputs), "size=128"]) == 0
     assert parameters(inputs.output)["config"]["size"] == 128
