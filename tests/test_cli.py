@@ -388,6 +388,17 @@ def test_output_folder_that_cannot_be_made(no_model, inputs, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "blocker" in err
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, which takes no new files")
+@pytest.mark.parametrize("option", ["--output", "--report"])
+def test_a_place_that_takes_no_files_is_refused_before_the_run(no_model, inputs, capsys, option):
+    """/proc passes a permission check (as root too) but takes no new file: a probe file finds that out."""
+    target = "/proc/magicstyle-x.png" if option == "--output" else "/proc/magicstyle-r.json"
+    assert cli([*argv(inputs), option, target]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {option} {target} cannot be written"), err
+    assert "choose a place you can write to" in err
+
+
 def test_alpha_alone_records_a_round_beta(fake_model, inputs):
     assert cli(argv(inputs, "--alpha", "0.7")) == 0
     assert parameters(inputs.output)["config"]["ffa"]["beta"] == 0.3
