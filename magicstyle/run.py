@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from models.errors import CheckpointError, MagicStyleError
 
-from . import batch, grid, jobs, pipeline, shard
+from . import batch, cache, grid, jobs, pipeline, shard
 from .compiled import compile_report
 from .config import one_minus
 from .hub import fetch_all, quiet_hub
@@ -107,6 +107,7 @@ class Run:
     overwrite_extras: bool = False  # diagnostics beside a job's PNG: replaced in a run folder, else only --overwrite
     phases: Progress | None = None  # per-phase bars (a run of one job)
     extra: dict = field(default_factory=dict)  # more report fields of a run of one job (e.g. face_refine)
+    notes: list = field(default_factory=list)  # said once the model has loaded (a bad checkpoint stays one line)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(
         ("load", "encode", "invert", "generate", "decode", "write"), 0.0))  # write: the PNGs, beside the next batch
     counts: dict = field(default_factory=lambda: dict(unet_evals=0, unet_rows=0, feature_store_bytes=0,
@@ -125,6 +126,8 @@ class Run:
         except CheckpointError as e:
             raise CheckpointError(f"{e} (see weights/README.md)") from None
         self.seconds["load"] = time.perf_counter() - start
+        for note in self.notes:
+            self.log(f"note: {note}")
         for src in {s.path: s for s in images if s.size}.values():
             if src.size[0] != src.size[1]:
                 self.log(f"note: {src.path.name} is {src.size[0]}x{src.size[1]}; it is resized and centre-cropped "
@@ -210,6 +213,10 @@ def _run(args) -> int:
             require_file(resolve(setting.cfg.face.detector), "scrfd", setting="face.detector")
     files = fetch_all(settings[0].cfg)  # local paths, or Hub files (downloaded now if not in the cache)
     state = Run(args, files["model.weights"], files.get("model.vae"), args.quiet)
+    if unused := next((s.cfg.batch.cache for s in settings if s.cfg.batch.cache and not cache.enabled(s.cfg)), None):
+        state.notes.append(f"batch.cache {unused} is not used in memory mode (store.mode=memory): nothing is read "
+                           "from it or written to it; set batch.cache_features=true to cache the recorded features "
+                           "(about 340 MiB per image at 512 px), or store.mode=recompute to cache the small latents")
 
     # 2. The jobs, 3. outputs (each written atomically).
     if not many:

@@ -399,6 +399,15 @@ def test_a_place_that_takes_no_files_is_refused_before_the_run(no_model, inputs,
     assert "choose a place you can write to" in err
 
 
+def test_an_unused_inversion_cache_is_noted(fake_model, inputs, capsys):
+    folder = inputs.tmp / "cache"
+    assert cli(argv(inputs, f"batch.cache={folder}", quiet=False)) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "batch.cache" in line]
+    assert len(notes) == 1 and notes[0].startswith(f"note: batch.cache {folder} is not used in memory mode"), notes
+    assert "batch.cache_features=true" in notes[0] and "store.mode=recompute" in notes[0]
+    assert not folder.exists()  # (with either setting the cache is used: magicstyle/cache.py enabled)
+
+
 def test_alpha_alone_records_a_round_beta(fake_model, inputs):
     assert cli(argv(inputs, "--alpha", "0.7")) == 0
     assert parameters(inputs.output)["config"]["ffa"]["beta"] == 0.3
