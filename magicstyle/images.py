@@ -8,6 +8,7 @@ as possible decompression bombs.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from pathlib import Path
 
@@ -31,13 +32,16 @@ def open_rgb(path: str | Path) -> Image.Image:
     """Open an image file as 8-bit RGB, upright, first frame."""
     path = Path(path)
     if not path.is_file():
-        raise ImageError(f"image {path} does not exist" if not path.exists() else f"image {path} is not a file")
+        raise ImageError(f"image {path} does not exist; check the path" if not path.exists()
+                         else f"image {path} is not a file; give an image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if img.width * img.height > MAX_PIXELS:
-                    raise ImageError(f"image {path} is {img.width}x{img.height}: too large (limit {MAX_PIXELS} pixels)")
+                    raise ImageError(f"image {path} is {img.width}x{img.height}: too large (limit {MAX_PIXELS} "
+                                     f"pixels); make a smaller copy first (e.g. {math.isqrt(MAX_PIXELS)} px square at "
+                                     "most: it is resized to --size anyway)")
                 img.seek(0)  # first frame of an animation
                 img.load()
                 return to_rgb(img)

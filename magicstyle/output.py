@@ -61,8 +61,9 @@ def write_atomic(path: str | Path, data: bytes, *, overwrite: bool = False, what
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions a plain open() would
         os.replace(tmp, path)
     except OSError as e:
-        hint = ": free some space and run again" if e.errno == errno.ENOSPC else ""
-        raise WriteError(f"cannot write {what} {path} ({e.strerror or e}){hint}") from None
+        hint = ("free some space and run again" if e.errno == errno.ENOSPC else
+                "check that its folder exists and can be written, or choose another place, and run again")
+        raise WriteError(f"cannot write {what} {path} ({e.strerror or e}): {hint}") from None
     finally:
         if tmp is not None and Path(tmp).exists():
             Path(tmp).unlink()

@@ -308,7 +308,7 @@ def config_with(t, text):
 
 
 ERRORS = [  # id, argv (may create files), words the message must contain, whether the real loader runs
-    ("missing content", lambda t: argv(t, content=t.tmp / "in" / "missing.png"), ["missing.png", "does not exist"]),
+    ("missing content", lambda t: argv(t, content=t.tmp / "in" / "missing.png"), ["missing.png", "does not exist; check the path"]),
     ("missing style", lambda t: argv(t, style=t.tmp / "in" / "gone.jpg"), ["gone.jpg", "does not exist"]),
     ("a key and value without =", lambda t: [*argv(t), "--style", t.style, "ffa.beta", "0.3"],
      ["--style ffa.beta", "no such image", "KEY=VALUE", "ffa.beta=0.3"]),
@@ -336,7 +336,7 @@ ERRORS = [  # id, argv (may create files), words the message must contain, wheth
     ("unknown top-level key in --config", lambda t: argv(t, config=config_with(t, "sise: 64\n")), ["sise"]),
     ("override without =", lambda t: argv(t, "ffa.beta"), ["ffa.beta", "key=value"]),
     ("override of the wrong type", lambda t: argv(t, "steps=many"), ["steps"]),
-    ("missing --config", lambda t: argv(t, config=t.tmp / "in" / "nope.yaml"), ["nope.yaml", "does not exist"]),
+    ("missing --config", lambda t: argv(t, config=t.tmp / "in" / "nope.yaml"), ["nope.yaml", "does not exist", "leave --config out"]),
     ("bad YAML", lambda t: argv(t, config=existing(t.tmp / "in" / "bad.yaml", b"size: [64\n")), ["bad.yaml", "YAML"]),
     ("existing output", lambda t: argv(t, output=existing(t.output)), ["result.png", "exists", "--overwrite"]),
     ("existing report", lambda t: argv(t, "--report", existing(t.tmp / "out" / "r.json")), ["r.json", "--overwrite"]),

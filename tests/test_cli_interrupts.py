@@ -67,6 +67,8 @@ CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total c
     pytest.param(OSError(5, "Input/output error", "/mnt/lost"), ["OSError", "Input/output error", "/mnt/lost"],
                  id="io-error"),
     pytest.param(None, ["cannot write output", "No space left on device", "free some space"], id="disk-full"),
+    pytest.param(2, ["cannot write output", "No such file or directory", "check that its folder exists"],
+                 id="folder-gone"),
 ])
 def test_a_run_that_fails_at_run_time_is_one_line_with_exit_status_1(inputs, monkeypatch, capsys, failure, words):
     """Out of memory in the UNet, an I/O error, the disk filling while the PNG is written: one line, exit status 1
@@ -74,6 +76,8 @@ def test_a_run_that_fails_at_run_time_is_one_line_with_exit_status_1(inputs, mon
     untouched)."""
     if failure is None:
         fail_half_way(monkeypatch, OSError(28, "No space left on device"))
+    elif failure == 2:  # the output's folder removed during the run
+        fail_half_way(monkeypatch, OSError(2, "No such file or directory"))
     else:
         fail_in_the_unet(monkeypatch, failure)
     existing(inputs.output, b"an old result")

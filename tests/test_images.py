@@ -189,7 +189,7 @@ def test_images_over_max_pixels_are_refused(tmp_path, monkeypatch):
     path = gradient(tmp_path / "g.png", (80, 64))  # 5120 pixels
     assert open_rgb(path).size == (80, 64)
     monkeypatch.setattr(images, "MAX_PIXELS", 5000)
-    with pytest.raises(ImageError, match="too large"):
+    with pytest.raises(ImageError, match=r"too large \(limit 5000 pixels\); make a smaller copy first \(e.g. 70 px"):
         open_rgb(path)
 
 
