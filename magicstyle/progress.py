@@ -5,6 +5,21 @@ import sys
 import time
 
 
+_OPEN: list = []  # the streams whose last write is a bar's unfinished line (``end_line`` ends it)
+
+
+def end_line() -> None:
+    """End a bar's unfinished line, so that the next message (an error, Ctrl-C's line, a note) starts a line of its
+    own instead of being glued to ``jobs 1/6 [####....] 00:13 < 01:06``."""
+    while _OPEN:
+        stream = _OPEN.pop()
+        try:
+            stream.write("\n")
+            stream.flush()
+        except (OSError, ValueError):  # a stream closed since (a test's capture)
+            pass
+
+
 class Progress:
     def __init__(self, stream=sys.stderr, width: int = 24, enabled: bool = True):
         self.stream, self.width, self.enabled = stream, width, enabled
@@ -24,6 +39,10 @@ class Progress:
         end = "\n" if done >= self.total else ""
         self.stream.write(f"\r{self.phase:<9}{done:>4}/{self.total:<4}[{bar}] {_mmss(elapsed)} < {_mmss(eta)}{end}")
         self.stream.flush()
+        if end and self.stream in _OPEN:
+            _OPEN.remove(self.stream)
+        elif not end and self.stream not in _OPEN:
+            _OPEN.append(self.stream)
 
 
 def _mmss(seconds: float) -> str:

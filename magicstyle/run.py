@@ -29,7 +29,7 @@ from .config import one_minus
 from .hub import fetch_all, quiet_hub
 from .output import OutputError, WriteError, check_writable, write_atomic
 from .parameters import png_parameters
-from .progress import Progress
+from .progress import Progress, end_line
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 REPORT_FORMAT = "magicstyle-report/1"  # the --report JSON's "format": how a rerun knows the file is ours
@@ -115,6 +115,7 @@ class Run:
 
     def log(self, message: str) -> None:
         if not self.quiet:
+            end_line()
             print(message, file=sys.stderr)
 
     def load(self, cfg: DictConfig, images: list[jobs.Source], count: int = 1) -> None:
@@ -161,18 +162,19 @@ def run(args) -> int:
     interrupted)."""
     try:
         return _run(args)
-    except WriteError as e:  # a full disk once the work is done: the run failed, not its input
-        sys.stderr.write(f"error: {e}\n")
-        return EXIT_FAILED
-    except MagicStyleError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted; finished outputs are kept, nothing half-written (run again to resume)\n")
-        return EXIT_INTERRUPTED
-    except Exception as e:
-        if (line := batch.runtime_failure(e)) is None:
-            raise  # a bug: its traceback
+    except BaseException as e:
+        end_line()  # a progress bar's unfinished line ends before the message: not "... 00:13 < 01:06interrupted"
+        if isinstance(e, WriteError):  # a full disk once the work is done: the run failed, not its input
+            sys.stderr.write(f"error: {e}\n")
+            return EXIT_FAILED
+        if isinstance(e, MagicStyleError):
+            sys.stderr.write(f"error: {e}\n")
+            return EXIT_USAGE
+        if isinstance(e, KeyboardInterrupt):
+            sys.stderr.write("interrupted; finished outputs are kept, nothing half-written (run again to resume)\n")
+            return EXIT_INTERRUPTED
+        if not isinstance(e, Exception) or (line := batch.runtime_failure(e)) is None:
+            raise  # a bug: its traceback (SystemExit and the like: as they are)
         sys.stderr.write(f"error: {line}\n")
         return EXIT_FAILED
 

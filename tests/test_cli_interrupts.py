@@ -95,3 +95,24 @@ def test_a_bug_keeps_its_traceback(inputs, monkeypatch):
     with pytest.raises(TypeError, match="unexpected keyword"):
         cli(argv(inputs))
     assert not inputs.output.exists()
+
+
+@pytest.mark.parametrize("failure, line", [(KeyboardInterrupt(), "interrupted; "),
+                                           (OSError(5, "Input/output error"), "error: OSError")])
+def test_the_message_after_an_unfinished_progress_bar_starts_its_own_line(inputs, monkeypatch, capsys, failure, line):
+    """Ctrl-C (or a failure) while a bar is drawn: the bar's line is ended first, not ``... 00:13 < 01:06interrupted``."""
+    import sys
+
+    import magicstyle.run as run_module
+    from magicstyle.progress import Progress
+
+    def bar_then_fail(args):
+        bar = Progress(stream=sys.stderr)
+        bar.begin("jobs", 6)
+        bar.update(1)
+        raise failure
+
+    monkeypatch.setattr(run_module, "_run", bar_then_fail)
+    assert cli(argv(inputs)) in (1, 130)
+    lines = capsys.readouterr().err.split("\n")
+    assert lines[0].startswith("\rjobs") and lines[0].rstrip().endswith("00:00") and lines[1].startswith(line), lines
