@@ -130,6 +130,12 @@ def parse_sweep(item: str) -> tuple[str, list[str]]:
         raise ConfigError(f"--sweep {item!r} is not of the form KEY=V1,V2,... (e.g. --sweep ffa.beta=0,0.5,1)")
     if key == "model" or key.startswith("model."):
         raise ConfigError(f"--sweep {key}: a run uses one model; run the command once per model instead")
+    seen: list[tuple[str, Any]] = []  # 0.2 and 0.20 are one setting: refused rather than run twice
+    for text in texts:
+        value = typed_value(key, text)
+        if same := next((t for t, v in seen if v == value and isinstance(v, bool) == isinstance(value, bool)), None):
+            raise ConfigError(f"--sweep {key} gives the same value twice ({same} and {text}); give each value once")
+        seen.append((text, value))
     return key, texts
 
 

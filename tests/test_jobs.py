@@ -83,6 +83,8 @@ def test_sweeps_make_the_cartesian_product_and_alpha_follows_beta():
     ("ffa.beta", ["KEY=V1,V2"]),
     ("ffa.beta=0,,1", ["KEY=V1,V2"]),
     ("model.weights=a,b", ["one model"]),
+    ("ffa.beta=0.2,0.4,0.20", ["ffa.beta", "same value twice", "0.2 and 0.20", "each value once"]),
+    ("ffa.recipe=ffa,plain,ffa", ["ffa.recipe", "same value twice"]),
 ])
 def test_a_bad_sweep_is_refused_before_the_model_loads(sweep, words, inputs, monkeypatch, capsys):
     monkeypatch.setattr(pipeline, "load_model", lambda cfg: pytest.fail("the model was loaded"))
