@@ -24,7 +24,7 @@ from models.errors import MagicStyleError, first_line
 from . import cache, pipeline
 from .images import save_png, to_image
 from .model import device_of
-from .progress import Progress
+from .progress import Progress, end_line
 from .writer import Writer
 
 INVERT_BATCH = 4  # images per CSDI batch (a group with no more images is inverted in one batch)
@@ -142,6 +142,7 @@ def run_jobs(run, todo: list, settings: list, folder: Path, *, strict: bool = Fa
         message = first_line(e, typed=True)
         if not isinstance(e, MagicStyleError) and runtime_failure(e) is None:
             if message not in bugs:  # the same bug in every job: one traceback
+                end_line()
                 traceback.print_exception(e, file=sys.stderr)
                 bugs.add(message)
             message += " (a bug: its traceback is printed on stderr; please report it)"

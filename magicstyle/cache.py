@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from .config import DTYPES
 from .filehash import hash_file
 from .inversion import Inversion, inversion_key
 from .output import OutputError, write_atomic
+from .progress import say
 
 FORMAT = "magicstyle-inversion-cache/1"
 SUFFIX = ".safetensors"
@@ -123,13 +123,12 @@ def load(path: Path, device: torch.device) -> Inversion | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        print(f"note: cannot read inversion cache entry {path} ({e.strerror or e}); recomputing it", file=sys.stderr)
+        say(f"note: cannot read inversion cache entry {path} ({e.strerror or e}); recomputing it")
         return None
     try:
         return decode(data, device, *identity(path))
     except Exception as e:  # noqa: BLE001 - whatever is wrong with the bytes, the entry is not used
-        print(f"note: inversion cache entry {path} is corrupt ({first_line(e)});"
-              " recomputing it", file=sys.stderr)
+        say(f"note: inversion cache entry {path} is corrupt ({first_line(e)}); recomputing it")
         return None
 
 
@@ -140,4 +139,4 @@ def save(path: Path, inv: Inversion) -> None:
         write_atomic(path, encode(inv, *[v or "" for v in identity(path)]), overwrite=True,
                      what="inversion cache entry")
     except OutputError as e:
-        print(f"note: {first_line(e)}; going on without caching it", file=sys.stderr)
+        say(f"note: {first_line(e)}; going on without caching it")

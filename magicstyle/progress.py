@@ -20,6 +20,12 @@ def end_line() -> None:
             pass
 
 
+def say(line: str) -> None:
+    """A line on stderr (a note, an error) that starts its own line, after any bar's unfinished one."""
+    end_line()
+    print(line, file=sys.stderr, flush=True)
+
+
 class Progress:
     def __init__(self, stream=sys.stderr, width: int = 24, enabled: bool = True):
         self.stream, self.width, self.enabled = stream, width, enabled

@@ -29,7 +29,7 @@ from .config import one_minus
 from .hub import fetch_all, quiet_hub
 from .output import OutputError, WriteError, check_writable, write_atomic
 from .parameters import png_parameters
-from .progress import Progress, end_line
+from .progress import Progress, end_line, say
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 REPORT_FORMAT = "magicstyle-report/1"  # the --report JSON's "format": how a rerun knows the file is ours
@@ -115,8 +115,7 @@ class Run:
 
     def log(self, message: str) -> None:
         if not self.quiet:
-            end_line()
-            print(message, file=sys.stderr)
+            say(message)
 
     def load(self, cfg: DictConfig, images: list[jobs.Source], count: int = 1) -> None:
         """Load the model (once) for ``count`` jobs, then say which images get resized: notes only once the run

@@ -116,3 +116,18 @@ def test_the_message_after_an_unfinished_progress_bar_starts_its_own_line(inputs
     assert cli(argv(inputs)) in (1, 130)
     lines = capsys.readouterr().err.split("\n")
     assert lines[0].startswith("\rjobs") and lines[0].rstrip().endswith("00:00") and lines[1].startswith(line), lines
+
+
+def test_a_note_during_a_bar_starts_its_own_line(capsys):
+    import sys
+
+    from magicstyle.progress import Progress, say
+
+    bar = Progress(stream=sys.stderr)
+    bar.begin("invert", 2)
+    say("note: inversion cache entry x is corrupt; recomputing it")
+    bar.update(2)
+    say("wrote out.png")
+    assert capsys.readouterr().err.split("\n")[1:] == ["note: inversion cache entry x is corrupt; recomputing it",
+                                                       "\rinvert      2/2   [########################] 00:00 < 00:00",
+                                                       "wrote out.png", ""]
