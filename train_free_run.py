@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="random seed (only used with inversion.sample_posterior=true)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps", "auto"])
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"])
-    p.add_argument("--report", help="write a JSON report (seconds per phase, UNet evaluations, memory, jobs) here")
+    p.add_argument("--report", help="write a JSON report (seconds per phase, UNet evaluations, memory, jobs) here; "
+                                    "a rerun into the same run folder replaces the report it wrote")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output / --report; with several jobs, redo jobs whose output exists")
     p.add_argument("--diagnostics", action="store_true",
