@@ -9,6 +9,7 @@ import io
 import json
 import socket
 import struct
+import sys
 import time
 import zlib
 
@@ -271,6 +272,37 @@ def test_page_queues_requests_one_at_a_time(demo):
     assert [c[1] for c in recipes.choices] == list(RECIPES)  # a newly registered recipe appears by itself
 
 
+def hide_gradio(monkeypatch) -> None:
+    """Make `import gradio` fail as if the [app] extra were not installed (for this test only)."""
+    import magicstyle.app
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # None in sys.modules: ImportError on import
+    monkeypatch.setitem(sys.modules, "magicstyle.app.ui", None)
+    monkeypatch.delattr(magicstyle.app, "ui", raising=False)
+
+
+@pytest.fixture(params=["with gradio", "without gradio"])
+def gradio_or_not(request, monkeypatch):
+    """app.py's option checks run with and without the [app] extra."""
+    if request.param == "without gradio":
+        hide_gradio(monkeypatch)
+    elif importlib.util.find_spec("gradio") is None:
+        pytest.skip("the [app] extra (gradio)")
+
+
+def app_main(argv: list[str]) -> tuple[int, list[str]]:
+    """app.main(argv) -> (exit status, stderr lines), with argparse's exits caught."""
+    import app
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = app.main(argv)
+        except SystemExit as e:  # argparse's errors (a non-number)
+            rc = e.code
+    return rc, err.getvalue().strip().splitlines()
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--weights", "missing.safetensors"], "not found"),
     (["--port", "70000"], "--port"),
@@ -279,19 +311,19 @@ def test_page_queues_requests_one_at_a_time(demo):
     (["--host", "192.0.2.1"], "cannot listen"),  # a documentation address: not this machine's (no traffic)
     (["--port", "BUSY"], "cannot listen"),
 ])
-def test_app_option_errors_are_one_line(argv, words, tmp_path):
-    import app
-
+def test_app_option_errors_are_one_line(argv, words, tmp_path, gradio_or_not):
     config = write_config(tmp_path / "tiny.yaml")
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), socket.socket() as busy:
+    with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         argv = [str(busy.getsockname()[1]) if a == "BUSY" else a for a in argv]
-        try:
-            rc = app.main(["--config", str(config), *argv])
-        except SystemExit as e:  # argparse's errors (a non-number)
-            rc = e.code
+        rc, lines = app_main(["--config", str(config), *argv])
     assert rc == 2
-    lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0]
+
+
+def test_app_without_gradio_says_so_after_the_options(tmp_path, monkeypatch):
+    """Good options and no gradio: one line naming the [app] extra, before the model is loaded."""
+    hide_gradio(monkeypatch)
+    rc, lines = app_main(["--config", str(write_config(tmp_path / "tiny.yaml")), "--port", "0"])
+    assert rc == 2 and len(lines) == 1 and "pip install -e '.[app]'" in lines[0]

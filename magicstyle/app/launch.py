@@ -1,5 +1,6 @@
 """``python app.py``: check the options, load the model once, serve the page.  Errors in the options print one line
-and exit with status 2 before the model is loaded."""
+and exit with status 2 before the model is loaded, and before gradio is imported (so that they come first whether or
+not the ``[app]`` extra is installed)."""
 from __future__ import annotations
 
 import socket
@@ -8,7 +9,7 @@ import sys
 from models.errors import CheckpointError, MagicStyleError
 
 from ..config import ConfigError, load_config
-from ..hub import fetch_all, quiet_hub
+from ..hub import MODEL_FILES, fetch_all, is_hub_ref, model_refs, parse_ref, quiet_hub, resolve_model_file
 
 EXIT_USAGE = 2
 
@@ -26,17 +27,27 @@ def check_address(host: str, port: int) -> None:
         raise ConfigError(f"cannot listen on {host}:{port} ({reason}); choose another --port or --host") from None
 
 
+def check_model_files(cfg) -> None:
+    """Local model files exist and Hub references are well formed (nothing is downloaded here)."""
+    for key, ref in model_refs(cfg).items():
+        if is_hub_ref(ref):
+            parse_ref(ref)
+        else:
+            resolve_model_file(ref, local_dir=cfg.model.local_dir, what=MODEL_FILES[key])
+
+
 def launch(args) -> int:
     """``args``: app.py's parsed arguments."""
     try:
-        try:
-            from . import ui
-        except ImportError as e:
-            raise ConfigError(f"the demo needs gradio ({e}); install it with: pip install -e '.[app]'") from None
         model = {"weights": args.weights, "vae": args.vae, "device": args.device, "dtype": args.dtype}
         overrides = {"model": {k: v for k, v in model.items() if v is not None}}
         cfg = load_config(args.config, overrides, args.overrides)
         check_address(args.host, args.port)
+        check_model_files(cfg)
+        try:  # after the options' checks: their errors come first, with or without gradio
+            from . import ui
+        except ImportError as e:
+            raise ConfigError(f"the demo needs gradio ({e}); install it with: pip install -e '.[app]'") from None
         quiet_hub(progress=True)
         files = fetch_all(cfg)  # local paths, or Hub files (downloaded now if not in the cache)
         from .engine import Demo, InversionCache
