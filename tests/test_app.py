@@ -308,6 +308,11 @@ def app_main(argv: list[str]) -> tuple[int, list[str]]:
     (["--port", "70000"], "--port"),
     (["ffa.nope=1"], "configuration"),
     (["--keep-inversions", "x"], "--keep-inversions"),
+    (["--keep-inversions", "0"], "--keep-inversions must be at least 1"),
+    (["--keep-inversions", "-3"], "--keep-inversions must be at least 1"),
+    (["--cache-gib", "-1"], "--cache-gib must be"),
+    (["--cache-gib", "0"], "--cache-gib must be"),
+    (["--cache-gib", "nan"], "--cache-gib must be"),
     (["--host", "192.0.2.1"], "cannot listen"),  # a documentation address: not this machine's (no traffic)
     (["--port", "BUSY"], "cannot listen"),
 ])

@@ -3,6 +3,7 @@ and exit with status 2 before the model is loaded, and before gradio is imported
 not the ``[app]`` extra is installed)."""
 from __future__ import annotations
 
+import math
 import socket
 import sys
 
@@ -27,6 +28,15 @@ def check_address(host: str, port: int) -> None:
         raise ConfigError(f"cannot listen on {host}:{port} ({reason}); choose another --port or --host") from None
 
 
+def check_numbers(keep_inversions: int, cache_gib: float) -> None:
+    """The cache's bounds: at least one inversion, a positive (finite) number of GiB."""
+    if keep_inversions < 1:
+        raise ConfigError(f"--keep-inversions must be at least 1 (the newest inversion is always kept), "
+                          f"not {keep_inversions}")
+    if not (math.isfinite(cache_gib) and cache_gib > 0):
+        raise ConfigError(f"--cache-gib must be a number of GiB more than 0, not {cache_gib:g}")
+
+
 def check_model_files(cfg) -> None:
     """Local model files exist and Hub references are well formed (nothing is downloaded here)."""
     for key, ref in model_refs(cfg).items():
@@ -39,6 +49,7 @@ def check_model_files(cfg) -> None:
 def launch(args) -> int:
     """``args``: app.py's parsed arguments."""
     try:
+        check_numbers(args.keep_inversions, args.cache_gib)
         model = {"weights": args.weights, "vae": args.vae, "device": args.device, "dtype": args.dtype}
         overrides = {"model": {k: v for k, v in model.items() if v is not None}}
         cfg = load_config(args.config, overrides, args.overrides)
