@@ -332,3 +332,39 @@ def test_app_without_gradio_says_so_after_the_options(tmp_path, monkeypatch):
     hide_gradio(monkeypatch)
     rc, lines = app_main(["--config", str(write_config(tmp_path / "tiny.yaml")), "--port", "0"])
     assert rc == 2 and len(lines) == 1 and "pip install -e '.[app]'" in lines[0]
+
+
+SERVE_FOREVER = """
+import sys, time, types
+import magicstyle.app
+
+def serve(demo, **options):  # the page's server, without gradio: wait until stopped
+    print(demo.out_dir, flush=True)
+    while True:
+        time.sleep(0.05)
+
+ui = types.ModuleType("magicstyle.app.ui")
+ui.serve = serve
+sys.modules["magicstyle.app.ui"] = magicstyle.app.ui = ui
+import app
+sys.exit(app.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_removes_the_temporary_folder(tmp_path):
+    """Stopped by SIGTERM (not only Ctrl-C), the demo removes its folder of result PNGs, as the README says."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_FOREVER, "--config", str(write_config(tmp_path / "t.yaml")),
+                             "--port", "0"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out_dir = proc.stdout.readline().strip()  # printed once the model is loaded and the page "serves"
+        assert out_dir and os.path.isdir(out_dir), proc.stderr.read() if proc.poll() is not None else out_dir
+        proc.terminate()
+        proc.wait(60)
+    finally:
+        proc.kill()
+    assert not os.path.exists(out_dir)

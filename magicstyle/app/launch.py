@@ -4,8 +4,10 @@ not the ``[app]`` extra is installed)."""
 from __future__ import annotations
 
 import math
+import signal
 import socket
 import sys
+import threading
 
 from models.errors import CheckpointError, MagicStyleError
 
@@ -46,9 +48,21 @@ def check_model_files(cfg) -> None:
             resolve_model_file(ref, local_dir=cfg.model.local_dir, what=MODEL_FILES[key])
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a service manager) stops the demo as Ctrl-C does: Gradio closes the server, the process
+    exits normally and its exit handlers run (the engine's removes the demo's temporary folder).  Python's default
+    for SIGTERM ends the process at once, without them."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def launch(args) -> int:
     """``args``: app.py's parsed arguments."""
     try:
+        stop_on_sigterm()
         check_numbers(args.keep_inversions, args.cache_gib)
         model = {"weights": args.weights, "vae": args.vae, "device": args.device, "dtype": args.dtype}
         overrides = {"model": {k: v for k, v in model.items() if v is not None}}
