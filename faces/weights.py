@@ -18,6 +18,7 @@ from models.errors import MagicStyleError, first_line
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_CONFIG = ("configs", "eval.yaml")  # (package, resource), shipped as package data like configs/magicstyle.yaml
 EVAL_LOCAL_DIR = "weights/eval"  # hf: references: a file of the same name here is used without the Hub
+EVAL_OFFLINE_HINT = "run evaluate.py once with network access"  # HF_HUB_OFFLINE and not cached (hf: is eval's only)
 
 
 class FaceModelError(MagicStyleError):
@@ -61,7 +62,8 @@ def require_file(path: str | Path | None, name: str, config: DictConfig | None =
         from magicstyle.hub import resolve_model_file  # here: magicstyle's pipeline imports faces
 
         # the local copy is looked up like every other entry's file: as given, else under the repository
-        path = resolve_model_file(str(given), local_dir=resolve(EVAL_LOCAL_DIR), what=f"{name} model")
+        path = resolve_model_file(str(given), local_dir=resolve(EVAL_LOCAL_DIR), what=f"{name} model",
+                                  offline_hint=EVAL_OFFLINE_HINT)
     else:
         path = resolve(given)
     if not path.is_file():

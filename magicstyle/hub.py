@@ -21,6 +21,8 @@ from models.errors import CheckpointError, MagicStyleError, first_line
 
 PREFIX = "hf:"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# With HF_HUB_OFFLINE set and the file not cached: what fetches it (the caller's command; this is the CLI's)
+DOWNLOAD_ONLY_HINT = "fetch it once with network access (`magicstyle --download-only`)"
 _REF = re.compile(r"hf:(?P<repo>[\w.-]+/[\w.-]+)/(?P<path>[^@]+?)(?:@(?P<revision>[^@]+))?")
 
 
@@ -60,11 +62,13 @@ def parse_ref(ref: str) -> HubFile:
     return hub
 
 
-def resolve_model_file(ref: str | Path, *, local_dir: str | Path | None = "weights", what: str = "weights") -> Path:
+def resolve_model_file(ref: str | Path, *, local_dir: str | Path | None = "weights", what: str = "weights",
+                       offline_hint: str = DOWNLOAD_ONLY_HINT) -> Path:
     """A model file as a local path: ``ref`` is a path (returned if it is a file) or an ``hf:`` reference.
 
     ``hf:`` references: ``local_dir / NAME`` is used if it exists (NAME: the file name in the repository), else the
-    file is downloaded into (or found in) the Hugging Face cache.  ``what`` names the file in error messages.
+    file is downloaded into (or found in) the Hugging Face cache.  ``what`` names the file in error messages;
+    ``offline_hint`` says how to fetch it when HF_HUB_OFFLINE is set and it is not cached.
     """
     if not is_hub_ref(str(ref)):
         path = Path(ref).expanduser()
@@ -79,11 +83,13 @@ def resolve_model_file(ref: str | Path, *, local_dir: str | Path | None = "weigh
         local = Path(local_dir).expanduser() / Path(hub.path).name
         if local.is_file():
             return local
-    return download(hub, what=what, local_dir=local_dir)
+    return download(hub, what=what, local_dir=local_dir, offline_hint=offline_hint)
 
 
-def download(hub: HubFile, *, what: str = "weights", local_dir: str | Path | None = "weights") -> Path:
-    """``hf_hub_download`` with every failure turned into one ``HubError`` line (which names ``local_dir``)."""
+def download(hub: HubFile, *, what: str = "weights", local_dir: str | Path | None = "weights",
+             offline_hint: str = DOWNLOAD_ONLY_HINT) -> Path:
+    """``hf_hub_download`` with every failure turned into one ``HubError`` line (which names ``local_dir``, and
+    ``offline_hint``, the caller's way to fetch the file, when HF_HUB_OFFLINE is set)."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -110,7 +116,7 @@ def download(hub: HubFile, *, what: str = "weights", local_dir: str | Path | Non
         cache = constants.HF_HUB_CACHE
         if constants.HF_HUB_OFFLINE:
             raise HubError(f"{what} {hub} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set: "
-                           f"fetch it once with network access (`magicstyle --download-only`), {put_it} "
+                           f"{offline_hint}, {put_it} "
                            "(see weights/README.md)") from None
         raise HubError(f"cannot reach the Hub ({constants.ENDPOINT}) to download {what} {hub}, and it is not in the "
                        f"cache ({cache}): check the network (proxy, HF_ENDPOINT), {put_it} "

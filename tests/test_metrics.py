@@ -353,6 +353,19 @@ def test_hub_reference_uses_the_local_copy_first(tmp_path, monkeypatch):
     assert faces.weights.require_file(ref, "clip") == tmp_path / "repo" / "local" / "eval" / "open_clip_model.safetensors"
 
 
+def test_offline_hub_model_says_how_the_evaluation_fetches_it(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE (conftest) and neither a local copy nor a cached one: the hint is evaluate.py's own command, not
+    the CLI's --download-only (which fetches the run's model files only)."""
+    import faces.weights
+    from magicstyle.hub import HubError
+
+    monkeypatch.setattr(faces.weights, "ROOT", tmp_path)  # no weights/eval copy
+    ref = "hf:timm/vit_large_patch14_clip_224.openai/open_clip_model.safetensors"
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE is set: run evaluate.py once with network access") as e:
+        faces.weights.require_file(ref, "clip")
+    assert "--download-only" not in str(e.value)
+
+
 def test_an_unreadable_model_file_is_one_line(tmp_path, monkeypatch):
     """Reading the file to hash it fails (a permission error; simulated: the suite may run as root)."""
     import faces.weights
