@@ -63,6 +63,9 @@ def load_eval_config(path: str | Path | None = None, dotlist: list[str] = ()) ->
         raise ConfigError(f"metrics must be a non-empty list of {', '.join(METRICS)}, not {metrics!r}")
     if cfg.content_axis not in ("clip", "face"):
         raise ConfigError(f"content_axis must be clip or face, not {cfg.content_axis!r}")
+    if cfg.content_axis == "face" and "face" not in metrics:  # the plot's x axis would be empty: no plot at all
+        raise ConfigError(f"content_axis face (--content-axis face) plots FaceSim, which metrics "
+                          f"[{', '.join(metrics)}] leave out: add face to --metrics, or use --content-axis clip")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, not {cfg.device!r}")
     return cfg
@@ -257,6 +260,6 @@ def run_evaluation(run_dir: str | Path, *, config: str | None = None, dotlist: l
     plot = scatter_png(rows, index["settings"], cfg.content_axis) if "clip" in cfg.metrics else None
     if plot is not None:
         write_atomic(paths["plot"], plot, overwrite=overwrite, what="evaluation output")
-    else:
-        paths.pop("plot")
+    else:  # no plot (no CLIP-I): an earlier evaluation's (--overwrite let it pass the checks) would pass for this one's
+        paths.pop("plot").unlink(missing_ok=True)
     return paths

@@ -571,6 +571,32 @@ def test_evaluate_cli_betas_of_other_types(tmp_path, models, capsys):
     assert sweep_lines(settings) == [[3, 0]]
 
 
+def test_evaluate_cli_face_axis_needs_the_face_metric(tmp_path, capsys):
+    """--content-axis face plots FaceSim: without the face metric there would be no plot, silently."""
+    run = make_run(tmp_path / "run")
+    assert evaluate_cli.main([str(run), "--quiet", "--metrics", "clip", "--content-axis", "face"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "add face to --metrics" in err, err
+    assert not (run / "eval").exists()
+
+
+def test_overwrite_removes_the_plot_a_new_evaluation_does_not_make(tmp_path, monkeypatch):
+    """--overwrite with metrics that make no plot (no CLIP-I): the earlier scatter.png does not stay beside the new
+    tables."""
+    import metrics.evaluation
+
+    run = make_run(tmp_path / "run")
+    index = json.loads((run / "index.json").read_text())
+    row = {c: None for c in metrics.evaluation.COLUMNS}
+    rows = [{**row, "setting": s["label"], "n": 4, "not_done": 0, "clip_content": 0.5 + i / 10, "clip_style": 0.5,
+             "dino_content": 0.5} for i, s in enumerate(index["settings"])]
+    monkeypatch.setattr(metrics.evaluation, "evaluate", lambda run_dir, cfg, progress: (rows, index))
+    assert set(run_evaluation(run, dotlist=["metrics=[clip]"])) == {"markdown", "csv", "plot"}
+    paths = run_evaluation(run, dotlist=["metrics=[dino]"], overwrite=True)
+    assert set(paths) == {"markdown", "csv"} and "DINO" in paths["markdown"].read_text()
+    assert not (run / "eval" / "scatter.png").exists()
+
+
 def test_evaluate_cli_given_the_index_file(tmp_path, capsys):
     run = make_run(tmp_path / "run")
     assert evaluate_cli.main([str(run / "index.json"), "--quiet"]) == 2
