@@ -13,6 +13,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .images import ImageError, open_rgb, square
 
+RUN_CONFIG_LABEL = "(run config)"  # the name of a setting with an empty label: the run's own configuration (no sweep)
+
 CELL = 192  # px, each output image
 PAD = 8
 FONT_SIZE = 16
@@ -68,7 +70,7 @@ def render(labels: list[str], rows: list[tuple[Path, Path]], cells: list[list[tu
     f, small = font(), font(14)
     shown = rows[:MAX_ROWS]
     line = FONT_SIZE + 4
-    header_lines = [wrap(label or "(run config)", CELL, f) for label in labels]
+    header_lines = [wrap(label or RUN_CONFIG_LABEL, CELL, f) for label in labels]
     header = PAD + line * max(len(h) for h in header_lines) + PAD
     footer = line + PAD if len(rows) > len(shown) else 0
     left = CELL + 2 * PAD

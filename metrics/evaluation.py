@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from faces.weights import eval_defaults
 from magicstyle.config import ConfigError, _dotlist, _load_yaml
 from magicstyle.filehash import hash_file
+from magicstyle.grid import RUN_CONFIG_LABEL
 from magicstyle.model import resolve_device
 from models.errors import MagicStyleError, first_line
 
@@ -34,6 +35,9 @@ from .fid import fid_between
 
 FORMAT = "magicstyle-run/1"
 METRICS = ("clip", "dino", "face", "fid", "styleid")
+# Below this many outputs per setting the note warns that FID is biased upward: 2048 is the Inception features'
+# dimension, the least pytorch-fid advises (fewer images give singular covariances; the bias falls with N)
+FID_MIN_N = 2048
 COLUMNS = ("setting", "n", "not_done", "clip_content", "clip_style", "dino_content", "facesim", "faces_missing",
            "fid_style", "fid_content", "lpips", "fid_art", "artfid")
 
@@ -196,7 +200,7 @@ def evaluate(run_dir: str | Path, cfg: DictConfig, progress=None) -> tuple[list[
         con = [image[id(j), "content"] for j in mine]
         sty = [image[id(j), "style"] for j in mine]
         row = dict.fromkeys(COLUMNS)
-        row.update(setting=setting.get("label", str(s)), n=len(mine),
+        row.update(setting=setting.get("label") or RUN_CONFIG_LABEL, n=len(mine),
                    not_done=sum(1 for j in index["jobs"] if j["setting"] == s) - len(mine))
         if "clip" in feats:
             row["clip_content"] = _mean([_cos(feats["clip"][o], feats["clip"][c]) for o, c in zip(out, con)])
@@ -249,9 +253,15 @@ def run_evaluation(run_dir: str | Path, *, config: str | None = None, dotlist: l
              "fid": ("fid_style", "fid_content"), "styleid": ("lpips", "fid_art", "artfid")}
     columns = ["setting", "n", "not_done"] + [c for m in METRICS if m in cfg.metrics for c in shown[m]]
     n = sorted({r["n"] for r in rows})
-    note = (f"Run {index.get('run', run_dir.name)}: N = {', '.join(map(str, n))} outputs per setting. FID on so few "
-            "images is biased upward (its bias falls with N); compare FIDs only at the same N."
-            if "fid" in cfg.metrics or "styleid" in cfg.metrics else f"Run {index.get('run', run_dir.name)}.")
+    note = f"Run {index.get('run', run_dir.name)}"
+    if "fid" in cfg.metrics or "styleid" in cfg.metrics:
+        note += f": N = {', '.join(map(str, n))} outputs per setting."
+        if n[0] < FID_MIN_N:
+            note += (f" FID on fewer than {FID_MIN_N} images (the Inception features' dimension, the least pytorch-fid "
+                     "advises) is biased upward, the more so the smaller N.")
+        note += " Compare FIDs only at the same N."
+    else:
+        note += "."
     if "styleid" in cfg.metrics and not has_artfid(cfg):
         note += (" FID (ArtFID) and ArtFID are empty: they need ArtFID's Inception weights (models.artfid_inception."
                  f"file, {cfg.models.artfid_inception.source}).")

@@ -580,17 +580,54 @@ def test_evaluate_cli_face_axis_needs_the_face_metric(tmp_path, capsys):
     assert not (run / "eval").exists()
 
 
+def stand_in_scores(monkeypatch, n: int) -> None:
+    """metrics.evaluation.evaluate without models: every setting of the run scored alike, on n outputs each."""
+    import metrics.evaluation
+
+    def evaluate(run_dir, cfg, progress):
+        index = metrics.evaluation.read_index(run_dir)
+        rows = [{**dict.fromkeys(metrics.evaluation.COLUMNS), "setting": s["label"], "n": n, "not_done": 0,
+                 "clip_content": 0.5 + i / 10, "clip_style": 0.5, "dino_content": 0.5}
+                for i, s in enumerate(index["settings"])]
+        return rows, index
+
+    monkeypatch.setattr(metrics.evaluation, "evaluate", evaluate)
+
+
+def test_fid_note_warns_below_2048_images(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run")
+    stand_in_scores(monkeypatch, n=4)
+    table = run_evaluation(run, dotlist=["metrics=[fid]"])["markdown"].read_text()
+    assert "N = 4 outputs per setting" in table and "biased upward" in table and "at the same N" in table
+    stand_in_scores(monkeypatch, n=2048)
+    table = run_evaluation(run, dotlist=["metrics=[fid]"], overwrite=True)["markdown"].read_text()
+    assert "N = 2048 outputs per setting" in table and "biased" not in table and "at the same N" in table
+
+
+def test_a_run_without_a_sweep_has_a_setting_name(tmp_path, monkeypatch):
+    """A run with no sweep: its one setting's label is "" (index.json); the table names it as the grid does."""
+    from magicstyle.grid import RUN_CONFIG_LABEL
+    from metrics.evaluation import evaluate, load_eval_config
+
+    run = make_run(tmp_path / "run")
+    index = json.loads((run / "index.json").read_text())
+    index["settings"] = [{"label": "", "overrides": {}}]
+    index["jobs"] = [{**j, "setting": 0, "label": ""} for j in index["jobs"] if j["setting"] == 0]
+    (run / "index.json").write_text(json.dumps(index))
+    monkeypatch.setattr(features_module, "model_files", lambda kind, cfg: None)
+    monkeypatch.setattr(features_module, "compute", lambda kind, files, model, cfg, device, cache, progress:
+                        {d: np.ones(4) / 2 for d in files})
+    rows, _ = evaluate(run, load_eval_config(dotlist=["metrics=[clip]"]))
+    assert [r["setting"] for r in rows] == [RUN_CONFIG_LABEL] and RUN_CONFIG_LABEL == "(run config)"
+
+
 def test_overwrite_removes_the_plot_a_new_evaluation_does_not_make(tmp_path, monkeypatch):
     """--overwrite with metrics that make no plot (no CLIP-I): the earlier scatter.png does not stay beside the new
     tables."""
     import metrics.evaluation
 
     run = make_run(tmp_path / "run")
-    index = json.loads((run / "index.json").read_text())
-    row = {c: None for c in metrics.evaluation.COLUMNS}
-    rows = [{**row, "setting": s["label"], "n": 4, "not_done": 0, "clip_content": 0.5 + i / 10, "clip_style": 0.5,
-             "dino_content": 0.5} for i, s in enumerate(index["settings"])]
-    monkeypatch.setattr(metrics.evaluation, "evaluate", lambda run_dir, cfg, progress: (rows, index))
+    stand_in_scores(monkeypatch, n=4)
     assert set(run_evaluation(run, dotlist=["metrics=[clip]"])) == {"markdown", "csv", "plot"}
     paths = run_evaluation(run, dotlist=["metrics=[dino]"], overwrite=True)
     assert set(paths) == {"markdown", "csv"} and "DINO" in paths["markdown"].read_text()
