@@ -142,9 +142,12 @@ def pipeline_section(weights: Path, *, size: int, steps: int, dtype: str) -> lis
 
 
 def store_section(weights: Path, *, dtype: str) -> list[str]:
+    """The store's bytes are in ``store.dtype`` (the configuration's, float16 by default), not the model's dtype."""
+    from magicstyle.config import load_config
     from pipeline_bench import store_section as section
 
-    return [f"Feature store, dtype {dtype}", ""] + section(weights, dtype=dtype)
+    store_dtype = load_config(None).store.dtype  # what pipeline_bench's runs use: the defaults' store
+    return [f"Feature store, store.dtype {store_dtype} (model dtype {dtype})", ""] + section(weights, dtype=dtype)
 
 
 def batch_section(weights: Path, *, grid: tuple[int, int], size: int, steps: int, dtype: str, mode: str,
