@@ -87,7 +87,6 @@ def load_model(cfg: DictConfig, jobs: int = 1) -> SD15:
     return sd
 
 
-@torch.no_grad()
 def device_of(sd: SD15) -> torch.device:
     """Where the model's UNet is (the CPU for a stand-in without one, as some tests use)."""
     unet = getattr(sd, "unet", None)
@@ -103,6 +102,7 @@ def clock(sd: SD15) -> float:
     return time.perf_counter()
 
 
+@torch.no_grad()
 def encode_text(sd: SD15, prompts: list[str], layer: str = "last") -> torch.Tensor:
     """prompts -> (B, 77, D) in the UNet's dtype."""
     device = next(sd.text_encoder.parameters()).device
