@@ -391,3 +391,12 @@ def test_the_defaults_are_the_papers_settings():
     assert (cfg.ffa.alpha, cfg.ffa.beta, cfg.ffa.recipe) == (0.8, 0.2, "ffa")
     assert list(cfg.ffa.layers) == [f"output_blocks.{i}" for i in range(6, 12)]
     assert (cfg.inversion.refine, cfg.ffa.adain_values, cfg.ffa.adain_latents) == (0, True, True)
+
+
+def test_encode_text_builds_no_autograd_graph(sd):
+    """The encoders run under no_grad, as the samplers do: a text encoder left trainable records nothing."""
+    sd.text_encoder.requires_grad_(True)
+    try:
+        assert not encode_text(sd, [""]).requires_grad
+    finally:
+        sd.text_encoder.requires_grad_(False)
