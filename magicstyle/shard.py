@@ -11,7 +11,6 @@ its unfinished jobs: the same command run again skips what exists (resume).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
-from .progress import Progress
+from .progress import Progress, say
 
 
 def world() -> tuple[int, int]:
@@ -72,7 +71,7 @@ def log(message: str, quiet: bool = False) -> None:
     """A line on stderr from every rank under torchrun (``rank 1/4: ...``); nothing without torchrun or with --quiet."""
     rank, size = world()
     if size > 1 and not quiet:
-        print(f"rank {rank}/{size}: {message}", file=sys.stderr, flush=True)
+        say(f"rank {rank}/{size}: {message}")  # after any bar's unfinished line
 
 
 class RunProgress(Progress):

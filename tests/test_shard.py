@@ -143,3 +143,18 @@ def test_rank_0_draws_one_bar_for_the_whole_run(tmp_path):
     assert stream.getvalue().split("\r")[-1].startswith("jobs        3/4") and bar.others == []
     bar.finish()
     assert stream.getvalue().split("\r")[-1].startswith("jobs        4/4") and stream.getvalue().endswith("\n")
+
+
+def test_a_rank_line_during_the_bar_starts_its_own_line(monkeypatch, capsys):
+    """Rank 0 logs its line while the run's bar is still mid-line: the line starts on a line of its own."""
+    from magicstyle import shard
+    from magicstyle.progress import Progress
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    bar = Progress(stream=sys.stderr)
+    bar.begin("jobs", 6)
+    bar.update(3)
+    shard.log("3 jobs done, 0 failed, of 3")
+    err = capsys.readouterr().err
+    assert "\nrank 0/2: 3 jobs done" in err, repr(err)
