@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import signal
 import socket
 import struct
 import sys
@@ -322,9 +323,11 @@ def test_app_option_errors_are_one_line(argv, words, tmp_path, gradio_or_not):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         argv = [str(busy.getsockname()[1]) if a == "BUSY" else a for a in argv]
+        before = signal.getsignal(signal.SIGTERM)
         rc, lines = app_main(["--config", str(config), *argv])
     assert rc == 2
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0]
+    assert signal.getsignal(signal.SIGTERM) == before  # the demo's SIGTERM handler is the demo's alone
 
 
 def test_app_without_gradio_says_so_after_the_options(tmp_path, monkeypatch):

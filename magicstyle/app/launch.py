@@ -12,7 +12,7 @@ import threading
 from models.errors import CheckpointError, MagicStyleError
 
 from ..config import ConfigError, load_config
-from ..hub import MODEL_FILES, fetch_all, is_hub_ref, model_refs, parse_ref, quiet_hub, resolve_model_file
+from ..hub import MODEL_FILES, fetch_all, is_hub_ref, model_refs, quiet_hub, resolve_model_file
 
 EXIT_USAGE = 2
 
@@ -42,27 +42,26 @@ def check_numbers(keep_inversions: int, cache_gib: float) -> None:
 def check_model_files(cfg) -> None:
     """Local model files exist and Hub references are well formed (nothing is downloaded here)."""
     for key, ref in model_refs(cfg).items():
-        if is_hub_ref(ref):
-            parse_ref(ref)
-        else:
+        if not is_hub_ref(ref):  # (load_config has checked the form of hf: references)
             resolve_model_file(ref, local_dir=cfg.model.local_dir, what=MODEL_FILES[key])
 
 
-def stop_on_sigterm() -> None:
+def stop_on_sigterm():
     """SIGTERM (``kill``, a service manager) stops the demo as Ctrl-C does: Gradio closes the server, the process
     exits normally and its exit handlers run (the engine's removes the demo's temporary folder).  Python's default
-    for SIGTERM ends the process at once, without them."""
+    for SIGTERM ends the process at once, without them.  Returns the handler it replaced (None: none replaced)."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread
-        signal.signal(signal.SIGTERM, interrupt)
+        return signal.signal(signal.SIGTERM, interrupt)
+    return None
 
 
 def launch(args) -> int:
     """``args``: app.py's parsed arguments."""
+    previous = stop_on_sigterm()
     try:
-        stop_on_sigterm()
         check_numbers(args.keep_inversions, args.cache_gib)
         model = {"weights": args.weights, "vae": args.vae, "device": args.device, "dtype": args.dtype}
         overrides = {"model": {k: v for k, v in model.items() if v is not None}}
@@ -93,3 +92,6 @@ def launch(args) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    finally:
+        if previous is not None:  # a caller's own handler (a test's process, say) comes back
+            signal.signal(signal.SIGTERM, previous)
