@@ -36,6 +36,10 @@ INDEX, GRID = "index.json", "grid.png"
 # Input images
 
 
+# A dotted config key or a number: what a forgotten `=` leaves among the images (`--style s.png ffa.beta 0.3`)
+OVERRIDE_LIKE = re.compile(r"[A-Za-z_]\w*(\.\w+)+|[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 @dataclass
 class Source:
     """An input image: its absolute path, its size, or the one-line error that reading it gave."""
@@ -52,7 +56,8 @@ def find_images(specs: Iterable[str], what: str) -> list[Source]:
     for spec in specs:
         path = Path(spec)
         if not path.is_dir():
-            if not path.exists() and path.suffix.lower() not in IMAGE_SUFFIXES:  # `--style s.png ffa.beta 0.3`
+            looks_like_override = path.suffix.lower() not in IMAGE_SUFFIXES and OVERRIDE_LIKE.fullmatch(str(spec))
+            if not path.exists() and looks_like_override:  # `--style s.png ffa.beta 0.3`
                 raise ImageError(f"--{what} {spec}: no such image or folder; config overrides are KEY=VALUE, e.g. "
                                  "ffa.beta=0.3")
             with open_rgb(path) as img:  # raises ImageError: missing, unreadable, too large

@@ -73,17 +73,19 @@ def followed_overrides(args) -> list[str]:
     return [*args.overrides, *(f"{k}={v}" for k, v in more.items())]
 
 
-def is_report(path: Path) -> bool:
-    """Whether ``path`` holds a ``--report`` this program wrote: its format marker, or (reports from before the
-    marker) the fields every report has."""
+def is_report(path: Path, folder: Path) -> bool:
+    """Whether ``path`` holds the ``--report`` this program wrote for the run folder ``folder``: its format marker
+    and the folder it names, or (reports from before the marker, which name none) the fields every report has."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     if not isinstance(data, dict):
         return False
-    legacy = isinstance(data.get("seconds"), dict) and {"unet_evals", "unet_rows", "peak_rss_bytes"} <= data.keys()
-    return data.get("format") == REPORT_FORMAT or ("format" not in data and legacy)
+    if data.get("format") == REPORT_FORMAT:
+        return data.get("run") == str(folder.resolve())
+    return "format" not in data and isinstance(data.get("seconds"), dict) and {
+        "unet_evals", "unet_rows", "peak_rss_bytes"} <= data.keys()
 
 
 def default_output(content: str | Path, style: str | Path) -> Path:
@@ -205,7 +207,7 @@ def _run(args) -> int:
             check_writable(path, overwrite=args.overwrite, what="--output" if path == output else "diagnostics")
     report = Path(args.report) if args.report else None
     if report is not None:  # resuming a run folder replaces the report this program wrote; any other file: --overwrite
-        resumes = many and (output / jobs.INDEX).is_file() and report.is_file() and is_report(report)
+        resumes = many and (output / jobs.INDEX).is_file() and report.is_file() and is_report(report, output)
         check_writable(report, overwrite=args.overwrite or resumes, what="--report")
         args.report_overwrite = args.overwrite or resumes  # what the report is written with, at the end
     for setting in settings:
@@ -301,7 +303,7 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
                 state.seconds[key] = sum(r[1][key] for r in results)
             for key in state.counts:
                 state.counts[key] = (max if key == "feature_store_bytes" else sum)(r[2][key] for r in results)
-            extra = {"jobs": len(todo), **{f"jobs_{s}": n for s, n in counts.items()},
+            extra = {"run": str(folder.resolve()), "jobs": len(todo), **{f"jobs_{s}": n for s, n in counts.items()},
                      "images_inverted": state.counts["images_inverted"],
                      "images_from_cache": state.counts["images_from_cache"], "peak_rss_bytes": max(r[3] for r in results)}
             if size > 1:

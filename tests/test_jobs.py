@@ -240,17 +240,40 @@ def test_a_resumed_run_replaces_its_own_report_and_no_other_file(stub, inputs, c
     gradient(inputs.contents / "c.png", (64, 64))
     assert cli(argv) == 0, capsys.readouterr().err
     r = json.loads(report.read_text())
-    assert (r["jobs"], r["jobs_done"], r["jobs_skipped"]) == (6, 2, 4)
+    assert (r["jobs"], r["jobs_done"], r["jobs_skipped"]) == (6, 2, 4) and r["run"] == str(inputs.output.resolve())
     legacy = {k: v for k, v in r.items() if k != "format"}  # a report from before the marker: recognised too
     report.write_text(json.dumps(legacy))
     assert cli(argv) == 0 and json.loads(report.read_text())["jobs_skipped"] == 6
     capsys.readouterr()
-    for text, folder in (('{"mine": 1}', inputs.output), (report.read_text(), inputs.tmp / "new")):
+    other = inputs.tmp / "other"  # another run folder, resumed with this run's report: not its report
+    assert cli([*argv[:-4], other, "--quiet"]) == 0
+    report.write_text(json.dumps(r))
+    for text, folder in (('{"mine": 1}', inputs.output), (report.read_text(), inputs.tmp / "new"),
+                         (report.read_text(), other)):
         report.write_text(text)
         assert cli([*argv[:-4], folder, "--report", report, "--quiet"]) == 2
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and "r.json exists" in err and "--overwrite" in err, err
         assert report.read_text() == text
+
+
+def test_ctrl_c_in_a_later_batch_keeps_the_written_pngs_in_the_index(stub, inputs, monkeypatch):
+    """Ctrl-C while the second batch runs: the first batch's PNG, written in the background meanwhile
+    (magicstyle/writer.py), is whole and listed as done in index.json, so a rerun skips it."""
+    real, calls = pipeline.fff, []
+
+    def fff(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fff", fff)
+    rc, err = quietly(["--content", inputs.contents / "a.png", inputs.contents / "b.png", "--style", STYLE,
+                       "--config", inputs.config, "batch.pairs=1", "--output", inputs.output])
+    assert rc == 130, err
+    jobs = json.loads((inputs.output / "index.json").read_text())["jobs"]
+    assert [j["status"] for j in jobs] == ["done"] and (inputs.output / jobs[0]["output"]).is_file()
 
 
 def test_resume_compares_the_seed_when_it_draws_the_posterior_sample(stub, inputs, capsys):
