@@ -131,8 +131,8 @@ class FeatureStore:
         """A recipe's float setting (``ffa.beta``, ...): the number itself, or with a compiled UNet a 0-dim tensor in
         the runner's buffers, refilled by each FFF, so that a sweep over the setting replays one graph instead of
         compiling one per value (a number read in the graph would be a constant of it)."""
-        tensors = [*(v[0] for v in self.features.values()), *(v[0] for v in self.latents.values())]
-        buffer = self._buffer(("setting", name), (), torch.float32, tensors[0].device) if tensors else None
+        first = next(iter((*self.features.values(), *self.latents.values())), None)  # one image's tensors
+        buffer = self._buffer(("setting", name), (), torch.float32, first[0].device) if first else None
         return value if buffer is None else buffer.fill_(value)
 
     def _buffer(self, key: tuple, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:

@@ -230,9 +230,10 @@ def run_batch(run, batch: list, cfg: DictConfig, inv, row: dict, folder: Path) -
     run.seconds["generate"] += middle - start
     images = [to_image(image) for image in pipeline.decode_latents(run.sd, z).split(1)]
     parameters = [run.parameters(cfg, job.content.path, job.style.path) for job in batch]
-    run.seconds["decode"] += pipeline.clock(run.sd) - middle
+    end = pipeline.clock(run.sd)
+    run.seconds["decode"] += end - middle
     for job in batch:
-        job.seconds = (pipeline.clock(run.sd) - start) / len(batch)  # the writer adds the writing's share
+        job.seconds = (end - start) / len(batch)  # the writer adds the writing's share
 
     def write() -> None:
         for i, job in enumerate(batch):
