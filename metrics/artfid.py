@@ -19,9 +19,9 @@ from PIL import Image
 from torch import nn
 from torchvision.models import inception as tv
 
-from faces.weights import FaceModelError, loading, read_state_dict
+from faces.weights import read_state_dict
 
-from .fid import LAYERS
+from .fid import LAYERS, load_every_key
 
 SHORTER_SIDE = 512  # StyleID's Resize(512) before ArtFID's ToTensor()
 HEADS = ("1", "2")  # fc1 / AuxLogits1 and fc2 / AuxLogits2
@@ -47,15 +47,8 @@ def load_art_inception(path: str | Path, name: str = "artfid_inception") -> ArtI
     """ArtFID's Inception from ``art_inception.pth``, loaded strictly (another network's file is one line)."""
     state = read_state_dict(path, name)
     classes = tuple(int(state[f"fc{s}.weight"].shape[0]) if f"fc{s}.weight" in state else 1000 for s in HEADS)
-    model = ArtInception(num_classes=classes)
-    with loading(path, name):  # a tensor of another shape under a known key
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        key = (missing or unexpected)[0]
-        raise FaceModelError(f"{path} is not ArtFID's Inception-v3 state dict ({'missing' if missing else 'unexpected'}"
-                             f" key {key}); use art_inception.pth of the art_fid package (models.{name}.file in "
-                             "configs/eval.yaml)")
-    return model.eval()
+    return load_every_key(ArtInception(num_classes=classes), state, path, name, "ArtFID's Inception-v3",
+                          "art_inception.pth of the art_fid package")
 
 
 def preprocess(img: Image.Image) -> torch.Tensor:

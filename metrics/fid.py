@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from scipy import linalg
 from torchvision.models import inception as tv
 
@@ -138,12 +139,17 @@ def load_inception(path: str | Path, name: str = "fid_inception") -> FIDInceptio
     """The FID Inception from pytorch-fid's state dict file (ArtFID's network is another: ``metrics.artfid``)."""
     state = read_state_dict(path, name)
     classes = state["fc.weight"].shape[0] if "fc.weight" in state else 1008
-    model = FIDInception(num_classes=classes)
+    return load_every_key(FIDInception(num_classes=classes), state, path, name, "an FID Inception-v3",
+                          "pt_inception-2015-12-05-6726825d.pth")
+
+
+def load_every_key(model: nn.Module, state: dict, path: str | Path, name: str, network: str, file: str) -> nn.Module:
+    """``model`` in eval mode with ``state`` loaded, every key of both: another network's file is one line naming the
+    first key that differs and the file to use (``models.<name>.file`` in configs/eval.yaml)."""
     with loading(path, name):  # a tensor of another shape under a known key
         missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         key = (missing or unexpected)[0]
-        raise FaceModelError(f"{path} is not an FID Inception-v3 state dict ({'missing' if missing else 'unexpected'} "
-                             f"key {key}); use pt_inception-2015-12-05-6726825d.pth (models.{name}.file in "
-                             "configs/eval.yaml)")
+        raise FaceModelError(f"{path} is not {network} state dict ({'missing' if missing else 'unexpected'} key {key});"
+                             f" use {file} (models.{name}.file in configs/eval.yaml)")
     return model.eval()
