@@ -201,13 +201,14 @@ def validate(cfg: DictConfig) -> None:
 
 def _inside(folder: str, kind: str) -> str:
     """`` (it holds a.safetensors, b.safetensors)``: the files of that kind in ``folder``, for an error message."""
-    suffix = kind if kind.startswith(".") else None
+    if not kind.startswith("."):  # a kind without one suffix (YAML or JSON): nothing to list
+        return ""
     try:
         names = sorted(f.name for f in Path(os.path.expanduser(folder)).iterdir()
-                       if f.is_file() and (suffix is None or f.suffix.lower() == suffix))
+                       if f.is_file() and f.suffix.lower() == kind)
     except OSError:
         return ""
-    if not names or suffix is None:
+    if not names:
         return ""
     return f" (it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 

@@ -208,8 +208,8 @@ def _run(args) -> int:
     report = Path(args.report) if args.report else None
     if report is not None:  # resuming a run folder replaces the report this program wrote; any other file: --overwrite
         resumes = many and (output / jobs.INDEX).is_file() and report.is_file() and is_report(report, output)
-        check_writable(report, overwrite=args.overwrite or resumes, what="--report")
-        args.report_overwrite = args.overwrite or resumes  # what the report is written with, at the end
+        args.report_overwrite = args.overwrite or resumes  # checked now, and what the report is written with at the end
+        check_writable(report, overwrite=args.report_overwrite, what="--report")
     for setting in settings:
         if batch.alone(setting.cfg):  # the small-face pass: its face detector, checked before the model loads
             from faces.weights import require_file, resolve
@@ -305,7 +305,8 @@ def run_many(state: Run, contents: list, styles: list, settings: list, folder: P
                 state.counts[key] = (max if key == "feature_store_bytes" else sum)(r[2][key] for r in results)
             extra = {"run": str(folder.resolve()), "jobs": len(todo), **{f"jobs_{s}": n for s, n in counts.items()},
                      "images_inverted": state.counts["images_inverted"],
-                     "images_from_cache": state.counts["images_from_cache"], "peak_rss_bytes": max(r[3] for r in results)}
+                     "images_from_cache": state.counts["images_from_cache"],
+                     "peak_rss_bytes": max(r[3] for r in results)}
             if size > 1:
                 extra["ranks"] = size
             write_atomic(report, json.dumps(state.report(extra), indent=2).encode(),
