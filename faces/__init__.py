@@ -1,4 +1,5 @@
-"""Faces: SCRFD detection with 5 landmarks, ArcFace alignment and identity embeddings, and the small-face pass.
+"""Faces: SCRFD detection with 5 landmarks, ArcFace alignment and identity embeddings (used by the small-face pass,
+magicstyle/smallface.py, and by FaceSim, metrics/).
 
 The models are insightface's ``buffalo_l`` pack (``det_10g.onnx``, ``w600k_r50.onnx``), run with onnxruntime; the
 pre- and post-processing are ours.  The pack is for non-commercial research use only (see README).

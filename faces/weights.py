@@ -2,7 +2,7 @@
 missing, has the wrong hash, or cannot be loaded (damaged, or another model's).
 
 An entry gives ``file`` (the expected path, or for ``.safetensors`` files a Hub reference ``hf:OWNER/REPO/FILE``,
-fetched by ``magicstyle.hub`` and found in ``EVAL_LOCAL_DIR`` first), ``source`` (where to get it) and ``sha256`` (or
+fetched by ``models.hub`` and found in ``EVAL_LOCAL_DIR`` first), ``source`` (where to get it) and ``sha256`` (or
 a prefix of it, or null).
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from models.errors import MagicStyleError, first_line
+from models.filehash import file_sha256
+from models.hub import resolve_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_CONFIG = ("configs", "eval.yaml")  # (package, resource), shipped as package data like configs/magicstyle.yaml
@@ -59,8 +61,6 @@ def require_file(path: str | Path | None, name: str, config: DictConfig | None =
     if not isinstance(given, (str, Path)) or not str(given):
         raise FaceModelError(f"{name} model file {given!r} is not a file path; check {setting}")
     if str(given).startswith("hf:"):
-        from magicstyle.hub import resolve_model_file  # here: magicstyle's pipeline imports faces
-
         # the local copy is looked up like every other entry's file: as given, else under the repository
         path = resolve_model_file(str(given), local_dir=resolve(EVAL_LOCAL_DIR), what=f"{name} model",
                                   offline_hint=EVAL_OFFLINE_HINT)
@@ -72,8 +72,6 @@ def require_file(path: str | Path | None, name: str, config: DictConfig | None =
                              f"set {setting}")
     expected = entry.get("sha256")
     if expected:
-        from magicstyle.filehash import file_sha256  # here: magicstyle's pipeline imports faces
-
         try:
             digest = file_sha256(path)
         except OSError as e:

@@ -30,7 +30,7 @@ from models.errors import first_line
 from models.safetensors_file import header_problem, parse_header
 
 from .config import DTYPES
-from .filehash import hash_file
+from models.filehash import hash_file
 from .inversion import Inversion, inversion_key
 from .output import OutputError, write_atomic
 from .progress import say

@@ -5,7 +5,7 @@ every value, so that a bad option fails before any model is loaded.  The default
 ``configs`` package's data, read with ``importlib.resources``), so an installed copy behaves like the checkout.
 
 Relative file paths (``PATH_KEYS``) in a YAML file are relative to that file's folder; given on the command line or in
-``overrides``, to the current folder.  ``hf:`` references (``magicstyle/hub.py``) are left as they are.
+``overrides``, to the current folder.  ``hf:`` references (``models/hub.py``) are left as they are.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from attention import RECIPES
 from attention.core import ATTENTION_KERNELS
 from models.errors import MagicStyleError, first_line
 
-from .hub import HubError, is_hub_ref, parse_ref
+from models.hub import HubError, is_hub_ref, parse_ref
 
 DEFAULTS = ("configs", "magicstyle.yaml")  # (package, resource): the defaults, which fix the schema
 PATH_KEYS = (  # keys that hold file or folder paths

@@ -23,8 +23,8 @@ from sampling import cfg_eps_fn, ddim_invert, ddim_timesteps
 
 from .compiled import runner
 from .config import DTYPES, ConfigError
-from .filehash import file_sha256
-from .hub import file_name, is_hub_ref, model_refs, parse_ref
+from models.filehash import file_sha256
+from models.hub import file_name, is_hub_ref, model_refs, parse_ref
 from .model import dtype_names, encode_text
 from .progress import Progress
 
@@ -129,7 +129,7 @@ def inversion_key(cfg: DictConfig, files: Mapping[str, str | Path] | None = None
     """A stable digest (20 hex digits) of every config value that changes CSDI's result for a given image file.
 
     The model files count by what they hold where that is known, never by path (machines sharing a cache folder
-    agree): ``files``, the run's resolved checkpoint and VAE (``magicstyle.hub.fetch_all``), by their SHA-256 (hashed
+    agree): ``files``, the run's resolved checkpoint and VAE (``models.hub.fetch_all``), by their SHA-256 (hashed
     once per file, then cached: the CLI hashes the checkpoint for its PNGs anyway).  Otherwise, and for the
     hyper-parameter file, a local file by name and size and an ``hf:`` reference by name and revision (not fetched for
     this).  The dtypes count as ``auto`` resolves them here (``dtype_names``), so the device counts only through

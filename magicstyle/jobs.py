@@ -263,7 +263,7 @@ def check_resumable(path: Path, cfg: DictConfig, files: dict[str, Path]) -> None
     """An existing output is skipped only when it is this job's: same configuration in its ``parameters`` chunk and
     the same checkpoint and VAE files (by SHA-256) as the run's model ``files`` (``OutputError`` otherwise, so that a
     changed option or model file never leaves old images in a new run)."""
-    from .filehash import short_sha256  # hashed once per checkpoint file, then cached
+    from models.filehash import short_sha256  # hashed once per checkpoint file, then cached
     from .model import dtype_names
 
     try:

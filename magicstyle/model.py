@@ -16,7 +16,7 @@ from models.cpu_tuning import fast_paths
 
 from .compiled import compile_unet, use_compile
 from .config import DTYPES, ConfigError
-from .hub import fetch_all
+from models.hub import fetch_all
 from .images import open_rgb, square, to_rgb, to_tensor
 
 LATENT_SCALE = 0.18215  # SD1.x: latents are scaled to unit variance before diffusion

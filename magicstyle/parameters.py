@@ -7,13 +7,13 @@ from typing import Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from .filehash import short_sha256
+from models.filehash import short_sha256
 
 
 def png_parameters(cfg: DictConfig, files: Mapping[str, Path], content: str, style: str) -> str:
     """JSON of the resolved config, the dtypes ``auto`` resolved to, the seed, the checkpoint's file name and the first
     10 hex digits of its SHA-256 (the hash model sites show), the VAE's file name and hash, the two input names and the
-    package version.  ``files``: the run's model files, as ``magicstyle.hub.fetch_all`` resolves them."""
+    package version.  ``files``: the run's model files, as ``models.hub.fetch_all`` resolves them."""
     from . import __version__
     from .model import dtype_names
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from attention import RECIPES, FeatureStore, adain
-from faces.refine import plan_small_face
+from .smallface import plan_small_face
 from models import SD15
 from sampling import cfg_eps_fn, ddim_sample, ddim_timesteps
 
@@ -153,7 +153,7 @@ def stylize(
         cfg = load_config(config) if config is None or isinstance(config, (str, Path)) else load_config(None, config)
     seconds: dict[str, float] = {}
     images = torch.cat([load_image(content, cfg.size), load_image(style, cfg.size)])  # (2, 3, size, size)
-    face_pass = plan_small_face(content, cfg, stats) if cfg.face.refine else None  # Fig. 3; faces/refine.py
+    face_pass = plan_small_face(content, cfg, stats) if cfg.face.refine else None  # Fig. 3; magicstyle/smallface.py
     if sd is None:
         start = time.perf_counter()
         sd = load_model(cfg)

@@ -26,7 +26,7 @@ from models.errors import CheckpointError, MagicStyleError
 from . import batch, cache, grid, jobs, pipeline, shard
 from .compiled import compile_report
 from .config import one_minus
-from .hub import fetch_all, quiet_hub
+from models.hub import fetch_all, quiet_hub
 from .output import OutputError, WriteError, check_writable, write_atomic
 from .parameters import png_parameters
 from .progress import Progress, end_line, say
@@ -137,7 +137,7 @@ class Run:
 
     @property
     def files(self) -> dict[str, Path]:
-        """The run's model files, as ``magicstyle.hub.fetch_all`` resolved them."""
+        """The run's model files, as ``models.hub.fetch_all`` resolved them."""
         return {"model.weights": self.weights, **({"model.vae": self.vae} if self.vae else {})}
 
     def parameters(self, cfg: DictConfig, content: Path, style: Path) -> str:

@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from faces.weights import eval_defaults
 from magicstyle.config import ConfigError, _dotlist, _load_yaml
-from magicstyle.filehash import hash_file
+from models.filehash import hash_file
 from magicstyle.grid import RUN_CONFIG_LABEL
 from magicstyle.model import resolve_device
 from models.errors import MagicStyleError, first_line

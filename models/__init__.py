@@ -1,4 +1,5 @@
-"""Hand-written Stable Diffusion 1.5: UNet, KL autoencoder, CLIP text encoder, tokenizer, and the checkpoint loader."""
+"""Hand-written Stable Diffusion 1.5: UNet, KL autoencoder, CLIP text encoder, tokenizer, the checkpoint loader, and
+where checkpoint files come from (a path or a Hub reference, hub.py) and their cached SHA-256 (filehash.py)."""
 from .clip import CLIPTextEncoder
 from .config import SD15Config
 from .errors import CheckpointError, MagicStyleError

@@ -57,7 +57,7 @@ def no_tf32():
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_folder(tmp_path_factory):
-    """Runs remember checkpoint hashes in the user's cache folder (magicstyle/filehash.py): not the real one in tests
+    """Runs remember checkpoint hashes in the user's cache folder (models/filehash.py): not the real one in tests
     (subprocesses inherit it too), nor the real CPU tuning cache; and the suite runs the UNet eagerly wherever it runs."""
     import os
 

@@ -113,15 +113,15 @@ def test_only_beta_changed_reuses_the_inversion(tmp_path):
 
 
 def test_small_face_pass(demo, tmp_path, monkeypatch):
-    """The checkbox runs faces/refine.py: a small face is stylized again in its crop and pasted back (the rest of the
-    image is the plain run's); without the detector file the page gets one line and the app keeps serving."""
-    import faces.refine
+    """The checkbox runs magicstyle/smallface.py: a small face is stylized again in its crop and pasted back (the rest
+    of the image is the plain run's); without the detector file the page gets one line and the app keeps serving."""
+    import magicstyle.smallface
 
     plain = demo.run(Request(ASTRONAUT, STYLE, beta=0.3, heatmap=False))
     assert plain.face is None
     side = min(Image.open(ASTRONAUT).size)
     box = [0.4 * side, 0.3 * side, 0.55 * side, 0.45 * side]
-    monkeypatch.setattr(faces.refine, "load_detector", lambda cfg: lambda img: faces.refine.Faces(
+    monkeypatch.setattr(magicstyle.smallface, "load_detector", lambda cfg: lambda img: magicstyle.smallface.Faces(
         np.array([box], np.float32), np.array([0.9], np.float32), np.zeros((1, 5, 2), np.float32)))
     refined = demo.run(Request(ASTRONAUT, STYLE, beta=0.3, heatmap=False, face_refine=True))
     assert refined.face["ran"] and "face" in refined.seconds

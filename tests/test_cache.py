@@ -12,7 +12,7 @@ from safetensors import safe_open
 from _tiny import ASTRONAUT
 from conftest import TINY_HPARAMS, TINY_WEIGHTS
 from magicstyle import cache, csdi, fff, inversion_key, load_config, load_model
-from magicstyle.filehash import hash_file
+from models.filehash import hash_file
 from magicstyle.pipeline import encode_images, load_image
 from models.safetensors_file import SafetensorsFile
 

@@ -30,7 +30,7 @@ import train_free_run
 from _tiny import ASTRONAUT, TINY_WEIGHTS, gradient, tree, write_config
 from conftest import ROOT
 from magicstyle.config import load_config
-from magicstyle.hub import file_name
+from models.hub import file_name
 
 STEPS = 2
 DEFAULT_WEIGHTS = Path("weights") / file_name(load_config().model.weights)  # the default's local copy

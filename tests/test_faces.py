@@ -11,7 +11,7 @@ from _tiny import ASTRONAUT
 from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS
 from faces import ARCFACE_TEMPLATE, SCRFD, ArcFace, FaceModelError, Faces, decode, nms, norm_crop, similarity_transform
 from faces.align import warp_affine
-from faces.refine import crop_square, feather_mask
+from magicstyle.smallface import crop_square, feather_mask
 from faces.scrfd import anchor_centers
 from magicstyle import load_config, load_model, stylize
 
@@ -184,13 +184,13 @@ def test_arcface_rejects_a_model_of_any_input_size_with_other_outputs(tmp_path):
 
 
 def test_model_file_hash_is_the_projects_file_hash(tmp_path, monkeypatch):
-    """require_file checks the SHA-256 with magicstyle/filehash (one file hash, remembered per file), not its own."""
+    """require_file checks the SHA-256 with models/filehash.py (one file hash, remembered per file), not its own."""
     import hashlib
 
     from omegaconf import OmegaConf
 
     from faces.weights import eval_defaults, require_file
-    from magicstyle import filehash
+    from models import filehash
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     hashed = []
@@ -231,12 +231,12 @@ def stub_detector(box):
 
 
 def test_small_face_pass_changes_only_the_pasted_square(monkeypatch):
-    import faces.refine
+    import magicstyle.smallface
 
     sd = load_model(load_config(None, TINY))
     plain = np.asarray(stylize(ASTRONAUT, STYLE, TINY, sd=sd))
     side = min(Image.open(ASTRONAUT).size)
-    monkeypatch.setattr(faces.refine, "load_detector", lambda cfg: stub_detector([0.4 * side, 0.3 * side,
+    monkeypatch.setattr(magicstyle.smallface, "load_detector", lambda cfg: stub_detector([0.4 * side, 0.3 * side,
                                                                                   0.55 * side, 0.45 * side]))
     stats: dict = {}
     refined = np.asarray(stylize(ASTRONAUT, STYLE, {**TINY, "face": {"refine": True}}, sd=sd, stats=stats))
@@ -249,7 +249,8 @@ def test_small_face_pass_changes_only_the_pasted_square(monkeypatch):
     np.testing.assert_array_equal(refined[~inside], plain[~inside])  # the rest: bit for bit the plain run
     assert np.abs(refined[inside].astype(int) - plain[inside]).mean() > 1.0
 
-    monkeypatch.setattr(faces.refine, "load_detector", lambda cfg: stub_detector([0, 0, 0.8 * side, 0.8 * side]))
+    monkeypatch.setattr(magicstyle.smallface, "load_detector",
+                        lambda cfg: stub_detector([0, 0, 0.8 * side, 0.8 * side]))
     stats = {}
     large = np.asarray(stylize(ASTRONAUT, STYLE, {**TINY, "face": {"refine": True}}, sd=sd, stats=stats))
     assert not stats["face_refine"]["ran"] and "covers" in stats["face_refine"]["reason"]

@@ -1,4 +1,4 @@
-"""The checkpoint's SHA-256, cached in the user's cache folder (magicstyle/filehash.py)."""
+"""The checkpoint's SHA-256, cached in the user's cache folder (models/filehash.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from magicstyle import filehash
+from models import filehash
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Model files by Hub reference (magicstyle/hub.py): ``hf:OWNER/REPO/FILE.safetensors[@REV]`` through the CLI.
+"""Model files by Hub reference (models/hub.py): ``hf:OWNER/REPO/FILE.safetensors[@REV]`` through the CLI.
 
 A local server (tests/_hub_server.py) speaks the Hub's file protocol and serves the tiny checkpoint; ``HF_ENDPOINT``
 points at it and ``HF_HOME`` at a temporary folder.  huggingface_hub reads those variables once, at import, so
@@ -26,7 +26,7 @@ from _hub_server import HubServer
 from _tiny import ASTRONAUT, TINY_WEIGHTS, gradient, tree, write_config
 from conftest import ROOT
 from magicstyle.config import load_config
-from magicstyle.hub import PAIRED_VAE, VAE_FT_MSE, HubError, HubFile, model_refs, parse_ref, resolve_model_file
+from models.hub import PAIRED_VAE, VAE_FT_MSE, HubError, HubFile, model_refs, parse_ref, resolve_model_file
 
 REPO, FILE = "test-org/tiny-sd15", "sd15_tiny_random.safetensors"
 REF = f"hf:{REPO}/{FILE}"

@@ -348,7 +348,7 @@ def test_hub_reference_uses_the_local_copy_first(tmp_path, monkeypatch):
     (tmp_path / "repo" / "local" / "eval" / "open_clip_model.safetensors").write_bytes(b"x")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    monkeypatch.setattr("magicstyle.hub.download", lambda *a, **k: pytest.fail("downloaded despite the local copy"))
+    monkeypatch.setattr("models.hub.download", lambda *a, **k: pytest.fail("downloaded despite the local copy"))
     ref = "hf:timm/vit_large_patch14_clip_224.openai/open_clip_model.safetensors"
     assert faces.weights.require_file(ref, "clip") == tmp_path / "repo" / "local" / "eval" / "open_clip_model.safetensors"
 
@@ -357,7 +357,7 @@ def test_offline_hub_model_says_how_the_evaluation_fetches_it(tmp_path, monkeypa
     """HF_HUB_OFFLINE (conftest) and neither a local copy nor a cached one: the hint is evaluate.py's own command, not
     the CLI's --download-only (which fetches the run's model files only)."""
     import faces.weights
-    from magicstyle.hub import HubError
+    from models.hub import HubError
 
     monkeypatch.setattr(faces.weights, "ROOT", tmp_path)  # no weights/eval copy
     ref = "hf:timm/vit_large_patch14_clip_224.openai/open_clip_model.safetensors"
@@ -369,12 +369,11 @@ def test_offline_hub_model_says_how_the_evaluation_fetches_it(tmp_path, monkeypa
 def test_an_unreadable_model_file_is_one_line(tmp_path, monkeypatch):
     """Reading the file to hash it fails (a permission error; simulated: the suite may run as root)."""
     import faces.weights
-    import magicstyle.filehash
 
     def refuse(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(magicstyle.filehash, "file_sha256", refuse)
+    monkeypatch.setattr(faces.weights, "file_sha256", refuse)
     model = tmp_path / "alexnet.pth"
     model.write_bytes(b"x")
     with pytest.raises(faces.weights.FaceModelError, match="cannot be read .Permission denied.; check its permissions"):
@@ -624,7 +623,6 @@ def test_a_run_without_a_sweep_has_a_setting_name(tmp_path, monkeypatch):
 def test_overwrite_removes_the_plot_a_new_evaluation_does_not_make(tmp_path, monkeypatch):
     """--overwrite with metrics that make no plot (no CLIP-I): the earlier scatter.png does not stay beside the new
     tables."""
-    import metrics.evaluation
 
     run = make_run(tmp_path / "run")
     stand_in_scores(monkeypatch, n=4)

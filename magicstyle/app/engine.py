@@ -24,12 +24,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from faces.refine import plan_small_face
+from ..smallface import plan_small_face
 from models.errors import MagicStyleError, first_line
 
 from ..config import ConfigError, one_minus, validate
 from ..diagnostics import AttentionDiagnostics, heat_map
-from ..hub import fetch_all
+from models.hub import fetch_all
 from ..images import ImageError, open_rgb, png_bytes, square, to_image, to_tensor
 from ..output import write_atomic
 from ..parameters import png_parameters
@@ -54,7 +54,7 @@ class Request:
     seed: int | None = None
     store_mode: str | None = None
     heatmap: bool = True
-    face_refine: bool | None = None  # the small-face pass (faces/refine.py)
+    face_refine: bool | None = None  # the small-face pass (magicstyle/smallface.py)
 
     def overrides(self) -> dict:
         flags = {
@@ -119,7 +119,7 @@ class _PageProgress(Progress):
 
 class Demo:
     """The model, the base configuration (the app's config file and ``key=value`` arguments), and the cache.
-    ``files``: the model files as ``magicstyle.hub.fetch_all`` resolves them (resolved here if not given)."""
+    ``files``: the model files as ``models.hub.fetch_all`` resolves them (resolved here if not given)."""
 
     def __init__(self, cfg: DictConfig, sd=None, *, files: dict[str, Path] | None = None,
                  cache: InversionCache | None = None, out_dir: Path | None = None):

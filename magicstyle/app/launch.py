@@ -12,7 +12,7 @@ import threading
 from models.errors import CheckpointError, MagicStyleError
 
 from ..config import ConfigError, load_config
-from ..hub import MODEL_FILES, fetch_all, is_hub_ref, model_refs, quiet_hub, resolve_model_file
+from models.hub import MODEL_FILES, fetch_all, is_hub_ref, model_refs, quiet_hub, resolve_model_file
 
 EXIT_USAGE = 2
 

@@ -19,8 +19,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from .scrfd import SCRFD, Faces
-from .weights import resolve
+from faces.scrfd import SCRFD, Faces
+from faces.weights import resolve
+
+from .images import open_rgb, to_rgb
 
 
 def load_detector(cfg: DictConfig) -> Callable[[Image.Image], Faces]:
@@ -60,8 +62,8 @@ class SmallFacePass:
     def apply(self, result: Image.Image, style, cfg: DictConfig, *, stylize: Callable[..., Image.Image], sd=None,
               progress=None) -> Image.Image:
         """Stylize the crop with ``style`` and ``cfg`` (without this pass) and paste it into ``result``.  ``stylize``
-        is ``magicstyle.pipeline.stylize``, handed in by the caller (the pipeline runs this pass, so faces/ does not
-        import it)."""
+        is ``magicstyle.pipeline.stylize``, handed in by the caller (the pipeline runs this pass, so this module does
+        not import it)."""
         size = cfg.size
         inner = OmegaConf.merge(cfg, {"face": {"refine": False}})
         crop = self.content.resize((size, size), Image.Resampling.LANCZOS, box=self.crop)
@@ -82,8 +84,6 @@ def plan_small_face(content: str | Path | Image.Image, cfg: DictConfig, stats: d
     ``stats["face_refine"]`` gets ``ran`` (then ``box``: the pasted square in output pixels, x0, y0, x1, y1),
     ``face_share`` and ``reason``.
     """
-    from magicstyle.images import open_rgb, to_rgb
-
     img = native_square(to_rgb(content) if isinstance(content, Image.Image) else open_rgb(content))
     faces = (detector or load_detector(cfg))(img)
     side, size = img.width, cfg.size
