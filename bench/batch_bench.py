@@ -71,8 +71,8 @@ def expected_rows(contents: int, styles: int, steps: int, *, cached: bool) -> in
 def run_grid(weights: Path, folder: Path, contents: int, styles: int, *, size: int, steps: int, dtype: str,
              mode: str, pairs: str, cache: Path | None, name: str, compile: str = "auto") -> dict:
     """One run of the command line over the grid; its report plus the UNet's share, timed in this process."""
+    import common
     import train_free_run
-    from common import peak_rss_gib, reset_peak_rss
 
     report = folder / f"{name}.json"
     argv = ["--content", str(folder / "contents"), "--style", str(folder / "styles"), "--output", str(folder / name),
@@ -81,7 +81,9 @@ def run_grid(weights: Path, folder: Path, contents: int, styles: int, *, size: i
             f"model.compile={compile}"]
     if cache is not None:
         argv += [f"batch.cache={cache}", "batch.cache_features=true"]
-    reset_peak_rss()
+    if common.HPARAMS:
+        argv.append(f"model.hparams={common.HPARAMS}")
+    common.reset_peak_rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -93,7 +95,7 @@ def run_grid(weights: Path, folder: Path, contents: int, styles: int, *, size: i
     r = json.loads(report.read_text())
     seconds = wall - r["seconds"]["load"]  # the run without loading the model
     return {"report": r, "seconds": seconds, "unet_seconds": unet["seconds"], "unet_rows": unet["rows"],
-            "peak_rss_gib": peak_rss_gib(),
+            "peak_rss_gib": common.peak_rss_gib(),
             "peak_cuda": f"{r['peak_cuda_bytes'] / 2**30:.2f}" if "peak_cuda_bytes" in r else "-"}
 
 

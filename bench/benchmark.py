@@ -170,7 +170,9 @@ def grid_shape(text: str) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``: without the program's name; None: ``sys.argv``); a bad one exits with status 2.
+    tests/test_bench.py parses every command line of ``bench/gpu_session.sh`` with it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--unet", action="store_true", help="UNet forward time and peak memory")
     parser.add_argument("--pipeline", action="store_true", help="one stylization, phase by phase")
@@ -205,13 +207,17 @@ def main(argv: list[str] | None = None) -> None:
     gpu.add_argument("--no-compile", action="store_true", help="cuda: model.compile off only")
     gpu.add_argument("--results", type=Path, help="cuda: a JSON file the figures are added to (kept between calls)")
     args = parser.parse_args(argv)
+    if not (args.device == "cuda" or args.unet or args.pipeline or args.store or args.batch):
+        parser.error("choose at least one section: --unet, --pipeline, --store, --batch")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.device == "cuda" and not args.batch:
         from gpu_bench import main as gpu_main
 
         return gpu_main(args)
-    if not (args.unet or args.pipeline or args.store or args.batch):
-        parser.error("choose at least one section: --unet, --pipeline, --store, --batch")
-
     print(f"CPU: {cpu_info().line()}, {os.cpu_count()} CPUs; torch {torch.__version__}, {torch.get_num_threads()} "
           "threads\n")
     if args.unet and args.against:

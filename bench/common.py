@@ -11,6 +11,8 @@ import torch
 from models.config import SD15Config
 from models.unet import UNet
 
+HPARAMS: Path | None = None  # model.hparams of the checkpoints the sections load: SD1.5's own (the tests: the tiny one's)
+
 
 def peak_rss_gib() -> float:
     """Peak resident memory of this process since the last ``reset_peak_rss()`` (Linux), or since it started."""

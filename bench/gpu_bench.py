@@ -6,6 +6,9 @@ Sections, each printed as soon as it is measured: the UNet forward (ours eager, 
 diffusers is importable, alternated in one process), loading (pinned against plain), ``stylize`` steady state in both
 store modes with ``model.compile`` off and on, the one-shot CLI's wall clock, and peak GPU memory; then the summary
 table against the targets.  GPU times are wall-clock with ``torch.cuda.synchronize()``.
+
+Every section runs on ``DEVICE``; tests/test_bench.py points it at the CPU (and ``common.HPARAMS`` at the tiny test
+checkpoint) to run them all end to end, so that a GPU session's short device time is not spent on a typo.
 """
 from __future__ import annotations
 
@@ -20,18 +23,42 @@ from pathlib import Path
 
 import torch
 
+import common
+
 ROOT = Path(__file__).resolve().parents[1]
 CONTENT, STYLE = ROOT / "examples" / "astronaut.png", ROOT / "examples" / "hubble_deep_field.jpg"
-CUDA = torch.device("cuda")
+DEVICE = torch.device("cuda")  # where every section runs (the CPU in tests/test_bench.py)
+
+
+def on_cuda() -> bool:
+    return DEVICE.type == "cuda"
 
 
 def timed(fn) -> float:
-    """Seconds of ``fn()`` on the GPU, synchronised before and after."""
-    torch.cuda.synchronize()
+    """Seconds of ``fn()`` on ``DEVICE``, synchronised before and after on a GPU (its calls return before their
+    kernels have run)."""
+    if on_cuda():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    if on_cuda():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def reset_peak() -> None:
+    if on_cuda():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_bytes() -> int:
+    """Peak GPU memory since ``reset_peak()``; 0 off CUDA."""
+    return torch.cuda.max_memory_allocated() if on_cuda() else 0
+
+
+def free_memory() -> None:
+    if on_cuda():
+        torch.cuda.empty_cache()
 
 
 def gib(n: int) -> str:
@@ -48,23 +75,22 @@ def diffusers_unet(dtype: torch.dtype):
         from diffusers import UNet2DConditionModel
     except ImportError:
         return None
-    with torch.device(CUDA):  # built on the GPU: seconds less than a float32 model on the CPU, then moved
+    with torch.device(DEVICE):  # built on the GPU: seconds less than a float32 model on the CPU, then moved
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    return unet.to(CUDA, dtype).eval().requires_grad_(False)
+    return unet.to(DEVICE, dtype).eval().requires_grad_(False)
 
 
-def unet_inputs(batch: int, dtype: torch.dtype):
-    g = torch.Generator(device=CUDA).manual_seed(0)
-    x = torch.randn(batch, 4, 64, 64, device=CUDA, dtype=dtype, generator=g)
-    t = torch.linspace(999, 1, batch, device=CUDA).long()
-    return x, t, torch.randn(batch, 77, 768, device=CUDA, dtype=dtype, generator=g)
+def unet_inputs(batch: int, dtype: torch.dtype, latent: int):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(batch, 4, latent, latent, device=DEVICE, dtype=dtype, generator=g)
+    t = torch.linspace(999, 1, batch, device=DEVICE).long()
+    return x, t, torch.randn(batch, 77, 768, device=DEVICE, dtype=dtype, generator=g)
 
 
 @torch.no_grad()
-def unet_section(dtypes, batches, *, rounds: int, runs: int, compile: bool, summary: dict) -> list[str]:
+def unet_section(dtypes, batches, *, latent: int, rounds: int, runs: int, compile: bool, summary: dict) -> list[str]:
     """Eager rows for every dtype and batch first (ours and diffusers alternated), then ours compiled in float16
     (each shape compiles for about a minute, so a time limit cuts these last)."""
-    from common import random_unet
     from magicstyle.compiled import CompiledUNet
 
     rows = ["| dtype | batch | ours ms | diffusers ms | diffusers / ours | compile + warm-up s | peak GiB |",
@@ -73,15 +99,15 @@ def unet_section(dtypes, batches, *, rounds: int, runs: int, compile: bool, summ
     def row(name, batch, label, ms, d, warm):
         rows.append(f"| {name} | {batch} | {label} {ms:.1f} | {f'{d:.1f}' if d else '-'} "
                     f"| {f'{d / ms:.2f}x' if d else '-'} | {f'{warm:.0f}' if warm else '-'} "
-                    f"| {gib(torch.cuda.max_memory_allocated())} |")
+                    f"| {gib(peak_bytes())} |")
         print(rows[-1], file=sys.stderr, flush=True)
 
     for name in dtypes:
         dtype = getattr(torch, name)
-        ours, theirs = random_unet(dtype).to(CUDA), diffusers_unet(dtype)
+        ours, theirs = common.random_unet(dtype).to(DEVICE), diffusers_unet(dtype)
         for batch in batches:
-            x, t, ctx = unet_inputs(batch, dtype)
-            torch.cuda.reset_peak_memory_stats()
+            x, t, ctx = unet_inputs(batch, dtype, latent)
+            reset_peak()
             eager, ref = [], []
             for fn in [lambda: ours(x, t, ctx)] + ([lambda: theirs(x, t, ctx)] if theirs else []):
                 timed(fn)  # warm-up (cuDNN/cuBLAS heuristics)
@@ -93,13 +119,13 @@ def unet_section(dtypes, batches, *, rounds: int, runs: int, compile: bool, summ
             summary[f"{name}/{batch}"] = {"eager": e, "diffusers": d, "compiled": None}
             row(name, batch, "eager", e, d, None)
         ours = theirs = None  # freed before the next dtype (not del: the timing lambdas close over them)
-        torch.cuda.empty_cache()
+        free_memory()
     if compile:
         name, dtype = "float16", torch.float16
-        compiled = CompiledUNet(random_unet(dtype).to(CUDA))
+        compiled = CompiledUNet(common.random_unet(dtype).to(DEVICE))
         for batch in batches:
-            x, t, ctx = unet_inputs(batch, dtype)
-            torch.cuda.reset_peak_memory_stats()
+            x, t, ctx = unet_inputs(batch, dtype, latent)
+            reset_peak()
             warm = sum(timed(lambda: compiled(x, t, ctx)) for _ in range(3))  # compile, warm up, record the graph
             fast = statistics.median(timed(lambda: compiled(x, t, ctx)) for _ in range(runs * rounds)) * 1e3
             entry = summary.setdefault(f"{name}/{batch}", {"eager": None, "diffusers": None})
@@ -122,9 +148,9 @@ def load_section(weights: Path, *, rounds: int = 2) -> list[str]:
     for _ in range(rounds):
         for pinned in (True, False):
             models.upload.PINNED = pinned
-            seconds[pinned].append(timed(lambda: load_sd15(weights, device=CUDA, dtype=torch.float16,
-                                                           vae_dtype=torch.float32)))
-            torch.cuda.empty_cache()
+            seconds[pinned].append(timed(lambda: load_sd15(weights, device=DEVICE, dtype=torch.float16,
+                                                           vae_dtype=torch.float32, hparams=common.HPARAMS)))
+            free_memory()
     models.upload.PINNED = True
     rows += [f"| {'pinned, asynchronous' if p else 'plain Tensor.to'} | {statistics.median(s):.2f} |"
              for p, s in seconds.items()]
@@ -137,29 +163,27 @@ def stylize_section(weights: Path, *, size: int, steps: int, calls: int, compile
     rows = ["| model.compile | store.mode | first call s | steady s (call " + str(calls) + ") | compile s "
             "| peak GPU GiB |", "| --- | --- | --- | --- | --- | --- |"]
     for setting in compile_settings:
-        on = {"true": True, "false": False}[setting]
-        cfg = load_config(None, {"size": size, "steps": steps, "model": {
-            "weights": str(weights), "device": "cuda", "dtype": "float16", "compile": on}})
-        sd = load_model(cfg)
+        model = {"weights": str(weights), "hparams": common.HPARAMS and str(common.HPARAMS), "device": DEVICE.type,
+                 "dtype": "float16", "compile": {"true": True, "false": False}[setting]}
+        sd = load_model(load_config(None, {"size": size, "steps": steps, "model": model}))
         for mode in ("memory", "recompute"):
-            c = load_config(None, {"size": size, "steps": steps, "store": {"mode": mode}, "model": {
-                "weights": str(weights), "device": "cuda", "dtype": "float16", "compile": on}})
-            torch.cuda.reset_peak_memory_stats()
+            c = load_config(None, {"size": size, "steps": steps, "store": {"mode": mode}, "model": model})
+            reset_peak()
             results = []
             for _ in range(calls):
                 stats = {}
                 wall = timed(lambda: stylize(CONTENT, STYLE, c, sd=sd, stats=stats))
                 results.append((wall, stats["seconds"].get("compile", 0.0)))
             rows.append(f"| {setting} | {mode} | {results[0][0]:.2f} | {results[-1][0]:.3f} "
-                        f"| {sum(r[1] for r in results):.0f} | {gib(torch.cuda.max_memory_allocated())} |")
+                        f"| {sum(r[1] for r in results):.0f} | {gib(peak_bytes())} |")
             print(rows[-1], file=sys.stderr, flush=True)
-            summary[f"{setting}/{mode}"] = {"steady": results[-1][0], "peak": torch.cuda.max_memory_allocated()}
+            summary[f"{setting}/{mode}"] = {"steady": results[-1][0], "peak": peak_bytes()}
         sd = None  # freed before the next setting (not del: the timing lambdas close over it)
-        torch.cuda.empty_cache()
+        free_memory()
     return rows
 
 
-def cli_section(weights: Path, *, compile_settings, summary: dict, runs: int = 2) -> list[str]:
+def cli_section(weights: Path, *, size: int, steps: int, compile_settings, summary: dict, runs: int = 2) -> list[str]:
     """``train_free_run.py`` from a fresh process, as a user runs it: wall clock from start to PNG on disk."""
     rows = ["| model.compile | run | wall s | load s | compile s | invert s | generate s | peak GPU GiB |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -169,12 +193,16 @@ def cli_section(weights: Path, *, compile_settings, summary: dict, runs: int = 2
                 out, report = Path(folder) / "out.png", Path(folder) / "report.json"
                 command = [sys.executable, str(ROOT / "train_free_run.py"), "--content", str(CONTENT), "--style",
                            str(STYLE), "--weights", str(weights), "--output", str(out), "--report", str(report),
-                           "--overwrite", "--quiet", "--device", "cuda", f"model.compile={setting}"]
+                           "--size", str(size), "--steps", str(steps), "--overwrite", "--quiet", "--device",
+                           DEVICE.type, f"model.compile={setting}"]
+                if common.HPARAMS:
+                    command.append(f"model.hparams={common.HPARAMS}")
                 start = time.perf_counter()
                 done = subprocess.run(command, capture_output=True, text=True)
                 wall = time.perf_counter() - start
                 if done.returncode:
-                    rows.append(f"| {setting} | {run} | failed: {done.stderr.strip().splitlines()[-1:]} | | | | | |")
+                    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+                    rows.append(f"| {setting} | {run} | failed: {last} | | | | | |")
                     continue
                 r = json.loads(report.read_text())
                 s = r["seconds"]
@@ -217,10 +245,11 @@ def main(args) -> None:
     """Run the sections asked for (all without --unet/--pipeline/--cli/--load), print their tables, add their figures to
     ``--results`` (JSON, kept between calls, written even when a time limit stops the run) and print the summary of
     everything measured so far."""
-    name = torch.cuda.get_device_name(0)
-    print(f"GPU: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}\n", flush=True)
+    name = torch.cuda.get_device_name(DEVICE) if on_cuda() else str(DEVICE)
+    print(f"Device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}\n", flush=True)
     results = json.loads(args.results.read_text()) if args.results and args.results.is_file() else {}
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # `timeout`: keep what was measured (finally below)
+    # `timeout`: keep what was measured (finally below); the caller's handler back after
+    before = signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     every = not (args.unet or args.pipeline or args.cli or args.load)
     settings = ["false"] if args.no_compile else ["false", "true"]
     try:
@@ -232,22 +261,25 @@ def main(args) -> None:
                 weights = write_random_checkpoint(Path(folder) / "sd15_random.safetensors")
             if every or args.unet:
                 dtypes = ["float16"] + [d for d in args.dtypes if d not in ("float16", "float32")]
-                rows = unet_section(dtypes, args.batches or [2, 4], rounds=4, runs=5, compile=not args.no_compile,
-                                    summary=results.setdefault("unet", {}))
-                print("UNet forward, 64x64 latent, context 77 x 768, random weights\n\n" + "\n".join(rows) + "\n",
-                      flush=True)
+                rows = unet_section(dtypes, args.batches or [2, 4], latent=args.latent, rounds=4, runs=5,
+                                    compile=not args.no_compile, summary=results.setdefault("unet", {}))
+                print(f"UNet forward, {args.latent}x{args.latent} latent, context 77 x 768, random weights\n\n"
+                      + "\n".join(rows) + "\n", flush=True)
             if every or args.pipeline:
                 rows = stylize_section(weights, size=args.size, steps=args.steps, calls=3, compile_settings=settings,
                                        summary=results.setdefault("stylize", {}))
                 print(f"stylize, {args.size} px, {args.steps} + {args.steps} steps, float16\n\n" + "\n".join(rows)
                       + "\n", flush=True)
             if every or args.cli:
-                rows = cli_section(weights, compile_settings=settings, summary=results.setdefault("cli", {}))
-                print("One-shot CLI (512 px, 30 + 30 steps)\n\n" + "\n".join(rows) + "\n", flush=True)
+                rows = cli_section(weights, size=args.size, steps=args.steps, compile_settings=settings,
+                                   summary=results.setdefault("cli", {}))
+                print(f"One-shot CLI, {args.size} px, {args.steps} + {args.steps} steps\n\n" + "\n".join(rows) + "\n",
+                      flush=True)
             if every or args.load:
                 print("Loading the checkpoint to the GPU (float16)\n\n" + "\n".join(load_section(weights)) + "\n",
                       flush=True)
     finally:
+        signal.signal(signal.SIGTERM, before)
         if args.results:
             args.results.write_text(json.dumps(results, indent=1))
         print(f"Summary ({name})\n\n" + "\n".join(summary_table(results)) + "\n", flush=True)
