@@ -11,7 +11,7 @@ import torch
 from models.config import SD15Config
 from models.unet import UNet
 
-HPARAMS: Path | None = None  # model.hparams of the checkpoints the sections load: SD1.5's own (the tests: the tiny one's)
+HPARAMS: Path | None = None  # model.hparams of the checkpoints the sections load: None for SD1.5 (tests: the tiny)
 
 
 def peak_rss_gib() -> float:
