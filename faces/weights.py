@@ -100,7 +100,7 @@ def loading(path: str | Path, name: str, config: DictConfig | None = None, *, se
     except Exception as e:
         import torch
 
-        if isinstance(e, torch.OutOfMemoryError):  # the file is fine: the device is full
+        if isinstance(e, torch.cuda.OutOfMemoryError):  # the file is fine: the device is full (torch.OutOfMemoryError)
             raise
         entry = model_entry(name, config)
         detail = first_line(e, typed=True)

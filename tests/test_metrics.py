@@ -383,9 +383,9 @@ def test_an_unreadable_model_file_is_one_line(tmp_path, monkeypatch):
 def test_out_of_memory_while_loading_is_not_blamed_on_the_file():
     import faces.weights
 
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(torch.cuda.OutOfMemoryError):
         with faces.weights.loading("clip.safetensors", "clip"):
-            raise torch.OutOfMemoryError("CUDA out of memory")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
 
 def test_evaluate_on_cuda_without_a_gpu_is_one_line(tmp_path, models, capsys, monkeypatch):
