@@ -31,7 +31,7 @@ import torch
 from models import UNet
 from models.layers import set_prepack
 
-from .config import ConfigError
+from .config import ConfigError, compile_supported
 
 MODE = "reduce-overhead"  # CUDA graphs + Inductor; "max-autotune" also searches kernels (longer warm-up)
 AUTO_MIN_JOBS = 100  # pairs after which compiling pays back on an H100 (above); not re-measured with batch.pairs > 1
@@ -41,9 +41,9 @@ RECOMPILE_LIMIT = 64  # graphs per UNet: one per (batch, size, dtype, recipe set
 def use_compile(setting, device: torch.device, jobs: int = 1) -> bool:
     """``model.compile``: ``auto`` (on for a CUDA run of at least ``AUTO_MIN_JOBS`` jobs, off elsewhere; off
     everywhere in a process tree started with the environment variable ``MAGICSTYLE_COMPILE_AUTO=0``, as the test
-    suite does), true or false."""
+    suite does, and with a torch older than ``config.COMPILE_MIN_TORCH``, where ``true`` is refused), true or false."""
     if setting == "auto":
-        return (device.type == "cuda" and jobs >= AUTO_MIN_JOBS
+        return (device.type == "cuda" and jobs >= AUTO_MIN_JOBS and compile_supported()
                 and os.environ.get("MAGICSTYLE_COMPILE_AUTO", "1") != "0")
     if isinstance(setting, bool):
         return setting

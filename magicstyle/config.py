@@ -10,6 +10,7 @@ Relative file paths (``PATH_KEYS``) in a YAML file are relative to that file's f
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -21,7 +22,6 @@ from omegaconf.errors import OmegaConfBaseException
 from attention import RECIPES
 from attention.core import ATTENTION_KERNELS
 from models.errors import MagicStyleError, first_line
-
 from models.hub import HubError, is_hub_ref, parse_ref
 
 DEFAULTS = ("configs", "magicstyle.yaml")  # (package, resource): the defaults, which fix the schema
@@ -34,6 +34,9 @@ NO_FILE = ("", "none", "null", "auto")  # not paths (model.vae: none -> the chec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config name -> dtype
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# model.compile: before torch 2.8 TorchDynamo drops a compiled UNet's graphs whenever a run's recipe objects are freed,
+# so every run (every job, every demo request) compiled again; the eager path needs no more than setup.cfg's floor
+COMPILE_MIN_TORCH = (2, 8)
 
 
 class ConfigError(MagicStyleError):
@@ -65,6 +68,13 @@ def load_config(
         cfg.model.vae = None
     validate(cfg)
     return cfg
+
+
+def compile_supported() -> bool:
+    """Whether this torch can run ``model.compile`` (``COMPILE_MIN_TORCH``, by its major and minor release: NVIDIA's
+    containers ship builds such as 2.8.0a0+...nv25.05); ``auto`` stays off where it cannot."""
+    release = tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    return release >= COMPILE_MIN_TORCH
 
 
 def one_minus(weight) -> float | None:
@@ -146,6 +156,10 @@ def validate(cfg: DictConfig) -> None:
     choice("model.clip_layer", ("last", "penultimate"))
     value = cfg.model.compile
     check(value == "auto" or isinstance(value, bool), f"model.compile must be auto, true or false, not {value!r}")
+    needs = ".".join(map(str, COMPILE_MIN_TORCH))
+    check(value is not True or compile_supported(), f"model.compile=true needs torch {needs} or newer (this is torch "
+          f"{torch.__version__}): older TorchDynamo compiles again on every run; upgrade torch or set "
+          "model.compile=false")
     choice("store.mode", ("memory", "recompute"))
     choice("store.dtype", tuple(DTYPES))
     choice("ffa.recipe", tuple(RECIPES))

@@ -119,5 +119,8 @@ def gather(obj) -> list:
 
 
 def stop() -> None:
+    """Leave the process group together: without the barrier, a rank that destroys its group while another still
+    writes the index can leave that one waiting for ever in ``destroy_process_group`` (gloo, torch 2.5)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -13,6 +13,12 @@ TINY_WEIGHTS = FIXTURES / "sd15_tiny_random.safetensors"  # a tiny SD1.5 in the 
 TINY_HPARAMS = FIXTURES / "sd15_tiny_random.hparams.json"
 sys.path.insert(0, str(ROOT))
 
+from magicstyle.config import COMPILE_MIN_TORCH, compile_supported  # noqa: E402  (after ROOT is on the path)
+
+# model.compile needs torch 2.8 or newer (magicstyle/config.py); the eager path is tested down to setup.cfg's floor
+needs_compile = pytest.mark.skipif(not compile_supported(),
+                                   reason="model.compile needs torch %d.%d or newer" % COMPILE_MIN_TORCH)
+
 # No test touches the network or the user's Hugging Face cache: the Hub is offline and its cache is a fresh folder
 # (set before huggingface_hub is imported, which reads these once; tests/test_hub.py points them at a local server).
 HF_HOME = tempfile.mkdtemp(prefix="magicstyle-test-hf-")

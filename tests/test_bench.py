@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS
+from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS, needs_compile
 
 SESSION, WHEELS = ROOT / "bench" / "gpu_session.sh", ROOT / "bench" / "gpu_wheels.sh"
 
@@ -56,6 +56,7 @@ def tiny_unet(dtype: torch.dtype):
     return UNet(config).to(dtype).eval().requires_grad_(False)
 
 
+@needs_compile  # model.compile=true is part of the run (through a stand-in for torch.compile)
 def test_gpu_sections_run_end_to_end_on_the_cpu(bench, monkeypatch, tmp_path, capsys):
     """Every section of ``--device cuda`` as bench/gpu_session.sh calls them (with --results kept between the calls),
     with DEVICE the CPU, the tiny checkpoint at 64 px and 2 steps, and a tiny UNet in the UNet section.  diffusers is

@@ -15,10 +15,10 @@ import torch
 
 from _tiny import ASTRONAUT
 from attention import FeatureStore
-from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS
+from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS, needs_compile
 from magicstyle import csdi, fff, load_config, load_model
 from magicstyle.compiled import compile_seconds, compile_unet, runner, use_compile
-from magicstyle.config import ConfigError
+from magicstyle.config import ConfigError, compile_supported
 from magicstyle.pipeline import CountedUNet, encode_images, load_image
 from models import SD15Config, UNet
 from models.layers import set_prepack
@@ -30,6 +30,7 @@ TINY = {"size": 64, "steps": 2, "model": {"weights": str(TINY_WEIGHTS), "hparams
 def test_compile_switch(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setenv("MAGICSTYLE_COMPILE_AUTO", "1")
+    monkeypatch.setattr("magicstyle.compiled.compile_supported", lambda: True)  # whatever torch runs the suite
     assert use_compile("auto", cuda, jobs=100) and not use_compile("auto", cpu, jobs=100)
     assert not use_compile("auto", cuda) and not use_compile("auto", cuda, jobs=99)  # a one-shot run stays eager
     assert use_compile(True, cuda, jobs=1)
@@ -42,6 +43,25 @@ def test_compile_switch(monkeypatch):
     assert load_config(None, TINY).model.compile == "auto"
 
 
+@pytest.mark.parametrize("version, supported", [("2.7.1+cu126", False), ("2.8.0a0+5228986c39.nv25.05", True),
+                                                ("2.8.0", True), ("2.10.0", True), ("3.0.0", True)])
+def test_model_compile_needs_torch_2_8(version, supported, monkeypatch):
+    """Before 2.8 TorchDynamo dropped the compiled graphs whenever a run's recipe objects were freed (every run compiled
+    again): there ``true`` is one line naming the version and what to do, and ``auto`` stays eager on a GPU."""
+    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setenv("MAGICSTYLE_COMPILE_AUTO", "1")
+    assert compile_supported() is supported
+    assert use_compile("auto", torch.device("cuda"), jobs=1000) is supported
+    on = {**TINY, "model": {**TINY["model"], "compile": True}}
+    if supported:
+        assert load_config(None, on).model.compile is True
+    else:
+        with pytest.raises(ConfigError, match=r"model.compile=true needs torch 2\.8 or newer \(this is torch 2\.7\.1"
+                                              r"\+cu126\).*set model.compile=false"):
+            load_config(None, on)
+
+
+@needs_compile
 def test_model_compile_attaches_a_runner_only_when_on():
     sd = load_model(load_config(None, TINY))  # auto on the CPU: eager
     assert runner(sd.unet) is sd.unet and "compiled" not in sd.unet.__dict__
@@ -88,6 +108,7 @@ def mini():
     return sd, encode_images(sd, images)
 
 
+@needs_compile
 def test_csdi_and_fff_traced_give_the_eager_result_without_recompiling(mini):
     """Memory mode, FFA in every layer, guidance 5: one graph for CSDI (recording), one for FFF (reading), the same
     two graphs for every step and for a second run, and the eager latents."""
@@ -115,6 +136,7 @@ def test_csdi_and_fff_traced_give_the_eager_result_without_recompiling(mini):
         sd.unet.__dict__.pop("compiled")
 
 
+@needs_compile
 @pytest.mark.parametrize("mode", ["memory", "recompute"])
 def test_a_grid_batch_of_other_images_replays_the_fff_graph(mini, mode):
     """A grid runs FFF batch after batch, each pairing other images (a boundary between contents falls anywhere in a
@@ -142,6 +164,7 @@ def test_a_grid_batch_of_other_images_replays_the_fff_graph(mini, mode):
         sd.unet.__dict__.pop("compiled")
 
 
+@needs_compile
 @pytest.mark.parametrize("mode", ["memory", "recompute"])
 def test_the_graph_reads_the_store_at_the_same_addresses_every_step(mini, mode, monkeypatch):
     """TorchDynamo takes what the recipes read through the UNet's attributes as static inputs, which CUDA graphs read
@@ -177,6 +200,7 @@ def test_the_graph_reads_the_store_at_the_same_addresses_every_step(mini, mode, 
         assert "compact" in addresses
 
 
+@needs_compile
 def test_a_sweep_of_a_recipe_setting_replays_one_graph(mini):
     """With a compiled UNet the recipes' float settings (ffa.alpha/beta, styleid.gamma/temperature) are 0-dim tensors
     in the runner's buffers, not constants of the graph: a beta sweep (the paper's Fig. 5) and a gamma sweep compile

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _tiny import ASTRONAUT
-from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS
+from conftest import ROOT, TINY_HPARAMS, TINY_WEIGHTS, needs_compile
 from magicstyle import csdi, fff, load_config, load_model
 from magicstyle.compiled import compile_unet
 from magicstyle.pipeline import encode_images, load_image
@@ -29,6 +29,7 @@ def test_pinned_asynchronous_load_gives_the_checkpoint():
             assert got[key].is_cuda and torch.equal(got[key].cpu(), want[key]), key
 
 
+@needs_compile
 @pytest.mark.parametrize("mode", ["memory", "recompute"])
 def test_compiled_unet_gives_the_eager_latents(mode, monkeypatch):
     """Inductor + CUDA graphs on a one-level UNet (a short compile): the same latents as eager, and a second run that
