@@ -119,8 +119,12 @@ def gather(obj) -> list:
 
 
 def stop() -> None:
-    """Leave the process group together: without the barrier, a rank that destroys its group while another still
-    writes the index can leave that one waiting for ever in ``destroy_process_group`` (gloo, torch 2.5)."""
+    """Leave the process group, all ranks together (a barrier), after a pause that lets the backend's worker threads
+    drop the finished collectives.  Without the pause gloo could deadlock (seen with torch 2.5, a few runs in ten): the
+    last reference to a finished collective is in gloo's worker thread, and freeing its tensors takes the GIL, while the
+    main thread holds the GIL in ``destroy_process_group`` and waits for that very thread to end.  Sleeping releases
+    the GIL."""
     if dist.is_initialized():
         dist.barrier()
+        time.sleep(0.1)
         dist.destroy_process_group()

@@ -236,13 +236,18 @@ def test_no_network_and_an_empty_cache(job, hub, home, no_model, fast_retries, t
 
 
 def test_a_download_cut_mid_file_leaves_nothing_a_later_run_uses(job, hub, home, no_model, fast_retries, tmp_path):
+    import huggingface_hub
+
     hub.drop_after[FILE] = len(TINY) // 2
     err = one_line_error(*cli([*job, "--weights", REF, "--output", tmp_path / "o.png"]))
     assert "interrupted" in err or "failed" in err, err
     # huggingface_hub >= 1.0 resumes the cut download (a second GET) and then removes the part; older ones give up at
     # once and keep it as BLOB.incomplete, which only a later download resumes from: no run takes it for the file
-    assert [m for m, *_ in hub.requests].count("GET") >= 1
-    assert not [p for p in cached_files(home) if "blobs" in p.parts and p.suffix != ".incomplete"]
+    gets, blobs = [m for m, *_ in hub.requests].count("GET"), [p for p in cached_files(home) if "blobs" in p.parts]
+    if int(huggingface_hub.__version__.split(".")[0]) >= 1:
+        assert gets > 1 and not blobs
+    else:
+        assert gets >= 1 and all(p.suffix == ".incomplete" for p in blobs)
     with hub_environment(HF_HUB_OFFLINE="1"):  # nothing in the cache passes for the file
         one_line_error(*cli([*job, "--weights", REF, "--output", tmp_path / "o.png"]))
 
