@@ -41,7 +41,8 @@ RECOMPILE_LIMIT = 64  # graphs per UNet: one per (batch, size, dtype, recipe set
 def use_compile(setting, device: torch.device, jobs: int = 1) -> bool:
     """``model.compile``: ``auto`` (on for a CUDA run of at least ``AUTO_MIN_JOBS`` jobs, off elsewhere; off
     everywhere in a process tree started with the environment variable ``MAGICSTYLE_COMPILE_AUTO=0``, as the test
-    suite does, and with a torch older than ``config.COMPILE_MIN_TORCH``, where ``true`` is refused), true or false."""
+    suite does, and with a torch older than ``config.COMPILE_MIN_TORCH``, where ``config.validate`` refuses ``true``),
+    true or false."""
     if setting == "auto":
         return (device.type == "cuda" and jobs >= AUTO_MIN_JOBS and compile_supported()
                 and os.environ.get("MAGICSTYLE_COMPILE_AUTO", "1") != "0")
